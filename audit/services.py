@@ -1,0 +1,165 @@
+"""Writing and checking the audit trail."""
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
+from django.utils import timezone
+
+from .models import AuditChainHead, AuditEvent
+
+GENESIS = "0" * 64
+SECRET_KEYS = ("password", "secret", "token", "api_key", "apikey", "authorization")
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: ("***" if any(s in str(k).lower() for s in SECRET_KEYS) else _scrub(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def canonical_fields(
+    *,
+    seq: int,
+    created_at: datetime,
+    actor: str,
+    actor_user_id: int | None,
+    action: str,
+    target_type: str,
+    target_id: str,
+    payload: Any,
+    ip: str | None,
+    user_agent: str,
+) -> str:
+    doc = {
+        "seq": seq,
+        "created_at": created_at.isoformat(timespec="microseconds"),
+        "actor": actor,
+        "actor_user_id": actor_user_id,
+        "action": action,
+        "target_type": target_type,
+        "target_id": target_id,
+        "payload": payload,
+        "ip": ip,
+        "user_agent": user_agent,
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), cls=DjangoJSONEncoder)
+
+
+def chain_hash(prev_hash: str, canonical: str) -> str:
+    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+
+
+def event_hash(event: AuditEvent) -> str:
+    return chain_hash(
+        event.prev_hash,
+        canonical_fields(
+            seq=event.seq,
+            created_at=event.created_at,
+            actor=event.actor,
+            actor_user_id=event.actor_user_id,
+            action=event.action,
+            target_type=event.target_type,
+            target_id=event.target_id,
+            payload=event.payload,
+            ip=event.ip,
+            user_agent=event.user_agent,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class RequestMeta:
+    ip: str | None = None
+    user_agent: str = ""
+
+    @classmethod
+    def from_request(cls, request: Any) -> "RequestMeta":
+        if request is None:
+            return cls()
+        meta = getattr(request, "META", {})
+        return cls(ip=meta.get("REMOTE_ADDR"), user_agent=meta.get("HTTP_USER_AGENT", "")[:300])
+
+
+def audit_record(
+    *,
+    action: str,
+    actor: Any = None,
+    target: Any = None,
+    target_type: str = "",
+    target_id: Any = "",
+    payload: dict | None = None,
+    request: Any = None,
+) -> AuditEvent:
+    """Append one event. Joins the caller's transaction (so it commits or rolls back with
+    the change it records); the chain head row is locked to keep the chain linear.
+    No savepoint: a failed audit write dooms the caller's transaction, it cannot be
+    caught and carried on from."""
+    if target is not None:
+        target_type = target_type or target._meta.label
+        target_id = target_id or target.pk
+    user = actor if getattr(actor, "is_authenticated", False) else None
+    actor_name = user.get_username() if user else (str(actor) if actor else "system")
+    meta = RequestMeta.from_request(request)
+    clean = json.loads(json.dumps(_scrub(payload or {}), cls=DjangoJSONEncoder))
+    with transaction.atomic(savepoint=False):
+        head, _ = AuditChainHead.objects.select_for_update().get_or_create(id=1)
+        event = AuditEvent(
+            seq=head.seq + 1,
+            created_at=timezone.now(),
+            actor_user=user,
+            actor=actor_name[:150],
+            action=action,
+            target_type=target_type,
+            target_id=str(target_id)[:100],
+            payload=clean,
+            ip=meta.ip,
+            user_agent=meta.user_agent,
+            prev_hash=head.hash,
+        )
+        event.hash = event_hash(event)
+        event.save(force_insert=True)
+        head.seq, head.hash = event.seq, event.hash
+        head.save(update_fields=["seq", "hash"])
+    return event
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    seq: int
+    event_id: int
+    reason: str
+
+
+def audit_verify(events: Iterable[AuditEvent] | None = None) -> ChainBreak | None:
+    """Walk the chain in order; return the first break, or None when it holds."""
+    prev = GENESIS
+    expected_seq = 1
+    qs = events if events is not None else AuditEvent.objects.order_by("seq").iterator(2000)
+    for event in qs:
+        if event.seq != expected_seq:
+            return ChainBreak(
+                event.seq, event.pk, f"expected seq {expected_seq}, found {event.seq}"
+            )
+        if event.prev_hash != prev:
+            return ChainBreak(event.seq, event.pk, "prev_hash does not match the previous event")
+        if event_hash(event) != event.hash:
+            return ChainBreak(event.seq, event.pk, "hash does not match the event's content")
+        prev = event.hash
+        expected_seq += 1
+    head = AuditChainHead.objects.filter(id=1).first()
+    if events is None and head is not None and head.seq != expected_seq - 1:
+        return ChainBreak(
+            expected_seq, 0, f"chain ends at seq {expected_seq - 1} but head is {head.seq}"
+        )
+    return None
