@@ -1,0 +1,299 @@
+"""Positions, cash, P&L and equity snapshots of a deployment.
+
+Accounting (spot, quote currency):
+
+- a buy of q at p with fee f: cash -= q*p + f; the position's ``avg_entry`` includes the
+  fee, so ``unrealised = (last - avg_entry) * qty`` is net of the entry fee;
+- a sell of q at p with fee f: cash += q*p - f; ``realised += (p - avg_entry) * q - f``.
+
+Hence, at every moment: ``equity = cash + sum(qty * last_price)
+= starting_cash + realised + unrealised`` (the totals the replay test checks).
+
+The writes here join the caller's transaction (the order router records a fill, its
+position, the cash and the equity snapshot atomically). Snapshots are bookkeeping and are
+not audited: the fills that move them are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import F, Max
+from django.utils import timezone
+
+from .models import Candle, Deployment, EquitySnapshot, Fill, Order, Position
+
+QTY_DECIMALS = 12
+
+
+def clean_qty(qty: float) -> float:
+    """Drop float noise from base quantities (exchange steps are far coarser)."""
+    return round(qty, QTY_DECIMALS) + 0.0
+
+
+@dataclass(frozen=True)
+class Book:
+    """A position's numbers before or after a trade."""
+
+    qty: float
+    avg_entry: float
+    realised: float
+
+
+def apply_trade(book: Book, signed_qty: float, price: float, fee: float) -> Book:
+    """The position after trading ``signed_qty`` (+ buy, - sell) at ``price`` with ``fee``
+    (quote currency). Pure. Spot: a sell larger than the holding closes it and the rest is
+    treated as a new short at ``price`` (never expected; reconciliation would flag it)."""
+    qty, avg = book.qty, book.avg_entry
+    if signed_qty == 0:
+        return book
+    same_way = qty == 0 or (qty > 0) == (signed_qty > 0)
+    if same_way:
+        new_qty = qty + signed_qty
+        cost = abs(qty) * avg + abs(signed_qty) * price + fee * (1 if signed_qty > 0 else -1)
+        return Book(clean_qty(new_qty), cost / abs(new_qty), book.realised)
+    closed = min(abs(signed_qty), abs(qty))
+    direction = 1 if qty > 0 else -1
+    realised = book.realised + (price - avg) * closed * direction - fee
+    new_qty = clean_qty(qty + signed_qty)
+    if new_qty == 0:
+        return Book(0.0, 0.0, realised)
+    if (new_qty > 0) == (qty > 0):
+        return Book(new_qty, avg, realised)
+    return Book(new_qty, price, realised)
+
+
+def _effective_trade(
+    side: str, qty: float, price: float, fee_quote: float, base_fee: float
+) -> tuple[float, float, float]:
+    """(signed base qty, price, quote fee) as the position sees the trade. A fee paid in the
+    base asset on a buy means fewer units received for the same quote spent."""
+    if side == "buy" and base_fee > 0:
+        received = qty - base_fee
+        return received, qty * price / received, fee_quote - base_fee * price
+    return (qty if side == "buy" else -qty), price, fee_quote
+
+
+def fill_record(
+    *,
+    order: Order,
+    qty: float,
+    price: float,
+    fee_quote: float,
+    base_fee: float,
+    ts: datetime,
+    known: Book | None = None,
+) -> Fill:
+    """Record one fill of ``order``: the Fill row, the position and the cash.
+
+    ``qty`` is the traded base quantity (> 0), ``fee_quote`` the fee valued in the quote
+    currency, ``base_fee`` the part of it charged in the base asset (Binance's default on
+    buys), which reduces the base received. ``known``: the position as the caller read it
+    before its transaction; while the row still holds exactly that, the new numbers are
+    written by one conditional update instead of a locking read and a write. Call inside
+    the caller's transaction.
+    """
+    fill = Fill.objects.create(order=order, qty=qty, price=price, fee=fee_quote, ts=ts)
+    signed, trade_price, trade_fee = _effective_trade(order.side, qty, price, fee_quote, base_fee)
+    if known is None or not _position_swap(order, known, signed, trade_price, trade_fee, price):
+        position, _ = Position.objects.select_for_update().get_or_create(
+            deployment_id=order.deployment_id, symbol=order.symbol
+        )
+        book = apply_trade(
+            Book(position.qty, position.avg_entry, position.realised_pnl),
+            signed,
+            trade_price,
+            trade_fee,
+        )
+        position.qty = book.qty
+        position.avg_entry = book.avg_entry
+        position.realised_pnl = book.realised
+        position.last_price = price
+        position.save(
+            update_fields=["qty", "avg_entry", "realised_pnl", "last_price", "updated_at"]
+        )
+    quote_fee = fee_quote - base_fee * price
+    cash_delta = (-qty if order.side == "buy" else qty) * price - quote_fee
+    Deployment.objects.filter(pk=order.deployment_id).update(cash=F("cash") + cash_delta)
+    return fill
+
+
+def _position_swap(
+    order: Order, known: Book, signed: float, trade_price: float, trade_fee: float, last: float
+) -> bool:
+    """Compare-and-set: the position after the trade, if its row still holds ``known``."""
+    book = apply_trade(known, signed, trade_price, trade_fee)
+    return bool(
+        Position.objects.filter(
+            deployment_id=order.deployment_id,
+            symbol=order.symbol,
+            qty=known.qty,
+            avg_entry=known.avg_entry,
+            realised_pnl=known.realised,
+        ).update(
+            qty=book.qty,
+            avg_entry=book.avg_entry,
+            realised_pnl=book.realised,
+            last_price=last,
+            updated_at=timezone.now(),
+        )
+    )
+
+
+def positions_mark(*, deployment_id: int, symbol: str, price: float) -> int:
+    """Mark the deployment's position in ``symbol`` at ``price`` (no-op when flat)."""
+    return (
+        Position.objects.filter(deployment_id=deployment_id, symbol=symbol)
+        .exclude(qty=0)
+        .update(last_price=price)
+    )
+
+
+@dataclass(frozen=True)
+class Equity:
+    cash: float
+    positions_value: float
+    realised: float
+    unrealised: float
+
+    @property
+    def equity(self) -> float:
+        return self.cash + self.positions_value
+
+
+def deployment_equity(deployment_id: int) -> Equity:
+    """Cash plus positions marked at their last price (entry price when never marked)."""
+    cash = Deployment.objects.filter(pk=deployment_id).values_list("cash", flat=True).get()
+    value = realised = unrealised = 0.0
+    rows = Position.objects.filter(deployment_id=deployment_id).values_list(
+        "qty", "avg_entry", "last_price", "realised_pnl"
+    )
+    for qty, avg_entry, last_price, realised_pnl in rows:
+        mark = last_price if last_price is not None else avg_entry
+        value += qty * mark
+        realised += realised_pnl
+        unrealised += (mark - avg_entry) * qty
+    return Equity(cash, value, realised, unrealised)
+
+
+# One fixed statement for what a snapshot needs, run on every fill: raw SQL spares the ORM
+# compilation of its annotations on the order path.
+_EQUITY_INPUTS_SQL = """
+SELECT d.cash, d.starting_cash,
+       COALESCE((SELECT SUM(p.qty * COALESCE(p.last_price, p.avg_entry)) FROM {position} p
+                 WHERE p.deployment_id = d.id), 0.0),
+       (SELECT s.peak FROM {snapshot} s WHERE s.deployment_id = d.id
+        ORDER BY s.ts DESC, s.id DESC LIMIT 1)
+FROM {deployment} d WHERE d.id = %s
+"""
+
+
+def _equity_inputs(deployment_id: int) -> tuple[float, float, float, float | None]:
+    """(cash, starting cash, positions marked at their last price (entry price when never
+    marked), previous snapshot's peak) in one query."""
+    sql = _EQUITY_INPUTS_SQL.format(
+        position=Position._meta.db_table,
+        snapshot=EquitySnapshot._meta.db_table,
+        deployment=Deployment._meta.db_table,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [deployment_id])
+        row = cursor.fetchone()
+    if row is None:
+        raise Deployment.DoesNotExist(f"deployment {deployment_id} does not exist")
+    cash, starting, value, last_peak = row
+    return cash, starting, float(value), last_peak
+
+
+def equity_snapshot_write(
+    *, deployment: Deployment, ts: datetime, peak: float | None = None
+) -> EquitySnapshot:
+    """Append a snapshot: equity, running peak (``peak`` when the caller tracks it, else
+    the previous snapshot's, else the starting cash) and drawdown from it in % (<= 0)."""
+    cash, starting, value, last_peak = _equity_inputs(deployment.pk)
+    equity = cash + value
+    base_peak = peak if peak is not None else last_peak
+    top = max(base_peak if base_peak is not None else starting, equity)
+    drawdown = (equity / top - 1.0) * 100.0 if top > 0 else 0.0
+    return EquitySnapshot.objects.create(
+        deployment_id=deployment.pk,
+        ts=ts,
+        cash=cash,
+        positions_value=value,
+        equity=equity,
+        peak=top,
+        drawdown_pct=min(0.0, drawdown),
+    )
+
+
+def last_snapshot_ts(deployment_id: int) -> datetime | None:
+    return EquitySnapshot.objects.filter(deployment_id=deployment_id).aggregate(t=Max("ts"))["t"]
+
+
+def snapshot_due(last: datetime | None, now: datetime) -> bool:
+    interval = timedelta(seconds=settings.TRADING_EQUITY_INTERVAL_S)
+    return last is None or now - last >= interval
+
+
+def is_trading(deployment: Deployment) -> bool:
+    """Allocated, or holding something: its equity moves and must be snapshotted."""
+    if deployment.allocation > 0:
+        return True
+    return Position.objects.filter(deployment=deployment).exclude(qty=0).exists()
+
+
+def latest_closes(deployment: Deployment, exchange: str) -> dict[str, tuple[float, int]]:
+    """symbol -> (close, close time ms) of the latest stored candle of each of the
+    deployment's streams on ``exchange``."""
+    out: dict[str, tuple[float, int]] = {}
+    for symbol in deployment.symbols or []:
+        row = (
+            Candle.objects.filter(exchange=exchange, symbol=symbol, timeframe=deployment.timeframe)
+            .order_by("-open_time_ms")
+            .values_list("close", "close_time_ms")
+            .first()
+        )
+        if row is not None:
+            out[symbol] = (row[0], row[1])
+    return out
+
+
+def equity_snapshots_tick(*, now: datetime, market_exchange: str | None = None) -> int:
+    """Beat task body: every trading deployment gets its positions marked at the latest
+    candle close and a snapshot if the last one is older than TRADING_EQUITY_INTERVAL_S."""
+    from .execution import market_exchange_of
+
+    written = 0
+    for deployment in Deployment.objects.all():
+        if not is_trading(deployment) or not snapshot_due(last_snapshot_ts(deployment.pk), now):
+            continue
+        source = market_exchange or market_exchange_of(deployment)
+        for symbol, (close, _) in latest_closes(deployment, source).items():
+            positions_mark(deployment_id=deployment.pk, symbol=symbol, price=close)
+        equity_snapshot_write(deployment=deployment, ts=now)
+        written += 1
+    return written
+
+
+def totals(deployment_id: int) -> dict[str, float]:
+    """Reconciliation figures of a deployment (used by tests and the admin)."""
+    eq = deployment_equity(deployment_id)
+    starting = (
+        Deployment.objects.filter(pk=deployment_id).values_list("starting_cash", flat=True).get()
+    )
+    return {
+        "cash": eq.cash,
+        "positions_value": eq.positions_value,
+        "equity": eq.equity,
+        "realised": eq.realised,
+        "unrealised": eq.unrealised,
+        "starting_plus_pnl": starting + eq.realised + eq.unrealised,
+    }
+
+
+def isclose(a: float, b: float, tol: float = 1e-9) -> bool:
+    return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
