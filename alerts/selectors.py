@@ -1,0 +1,179 @@
+"""Reads of the alerts app."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.contrib.auth.models import Permission, User
+from django.db.models import Exists, OuterRef, Q
+
+from .detectors import DetectorConfigError
+from .models import Alert, AlertRule, Delivery, DeliveryStatus, Silence
+from .rules import (
+    Filters,
+    RuleSpec,
+    SilenceSpec,
+    parse_filters,
+    percentile,
+    resolve_rules,
+    validate_rule,
+)
+
+log = logging.getLogger(__name__)
+
+RECIPIENT_PERMS = ("handle_alerts", "view_desk")
+DEFAULT_EMAIL_GROUP = "Ops"
+
+
+def rule_specs() -> list[RuleSpec]:
+    return [rule.as_spec() for rule in AlertRule.objects.all()]
+
+
+def rules_for_stream(symbol: str, timeframe: str) -> list[RuleSpec]:
+    """The stream's rules; a stored rule that cannot work (written around the validation)
+    is skipped with an error in the log rather than stopping the stream."""
+    usable = []
+    for spec in rule_specs():
+        try:
+            validate_rule(spec)
+        except DetectorConfigError as err:
+            log.error(
+                "alert rule %s on %s/%s skipped: %s",
+                spec.detector,
+                spec.symbol or "*",
+                spec.timeframe or "*",
+                err,
+            )
+            continue
+        usable.append(spec)
+    return resolve_rules(usable, symbol, timeframe)
+
+
+def active_silences(now: datetime) -> list[SilenceSpec]:
+    rows = Silence.objects.filter(ended_at__isnull=True, expires_at__gt=now).select_related(
+        "author"
+    )
+    return [
+        SilenceSpec(
+            id=s.pk,
+            symbol=s.symbol,
+            detector=s.detector,
+            expires_ms=int(s.expires_at.timestamp() * 1000),
+            author=s.author.get_username(),
+            reason=s.reason,
+        )
+        for s in rows
+    ]
+
+
+def last_passed_event_ms(rate_key: str, before_ms: int) -> int | None:
+    return (
+        Alert.objects.filter(rate_key=rate_key, suppressed=False, event_ms__lt=before_ms)
+        .order_by("-event_ms")
+        .values_list("event_ms", flat=True)
+        .first()
+    )
+
+
+@dataclass(frozen=True)
+class Recipient:
+    user_id: int
+    email: str
+    filters: Filters
+
+
+def email_recipients() -> list[Recipient]:
+    """Active users with an email and the handle_alerts or view_desk permission who opted
+    in: their AlertSubscription says email, or they have none and are in the Ops group."""
+    perms = Permission.objects.filter(content_type__app_label="audit", codename__in=RECIPIENT_PERMS)
+    memberships = User.groups.through.objects.filter(group__permissions__in=perms)
+    grants = User.user_permissions.through.objects.filter(permission__in=perms)
+    users = (
+        User.objects.filter(is_active=True)
+        .exclude(email="")
+        .filter(
+            Q(is_superuser=True)
+            | Q(pk__in=memberships.values("user_id"))
+            | Q(pk__in=grants.values("user_id"))
+        )
+        .select_related("alert_subscription")
+        .annotate(
+            in_default_group=Exists(
+                User.groups.through.objects.filter(
+                    user_id=OuterRef("pk"), group__name=DEFAULT_EMAIL_GROUP
+                )
+            )
+        )
+        .order_by("pk")
+    )
+    found = []
+    for user in users:
+        sub = getattr(user, "alert_subscription", None)
+        if sub is None and user.in_default_group:
+            found.append(Recipient(user.pk, user.email, Filters()))
+        elif sub is not None and sub.email:
+            filters = parse_filters(
+                {
+                    "symbols": sub.symbols,
+                    "detectors": sub.detectors,
+                    "min_severity": sub.min_severity,
+                }
+            )
+            found.append(Recipient(user.pk, user.email, filters))
+    return found
+
+
+def snapshot(filters: Filters, limit: int = 50) -> list[dict]:
+    """Latest unacknowledged, delivered alerts matching the filters, newest first."""
+    qs = Alert.objects.filter(acknowledged_at__isnull=True, suppressed=False)
+    if filters.symbols:
+        qs = qs.filter(symbol__in=filters.symbols)
+    if filters.detectors:
+        qs = qs.filter(detector__in=filters.detectors)
+    rows = qs.order_by("-detected_at", "-id")[: limit * 3]
+    return [
+        a.as_message()
+        for a in rows
+        if filters.matches(symbol=a.symbol, detector=a.detector, severity=a.severity)
+    ][:limit]
+
+
+LATENCY_SPANS = {
+    "ingest_to_sent": "ingested_at",
+    "close_to_sent": "candle_close_at",
+    "detect_to_sent": "detected_at",
+}
+
+
+def latency_stats(
+    *, since: datetime | None = None, channel: str | None = None, limit: int = 100_000
+) -> dict[str, dict[str, dict[str, float | int | None]]]:
+    """Per channel and span (ingest/close/detect to sent): count, p50, p95, p99 in ms."""
+    qs = Delivery.objects.filter(status=DeliveryStatus.SENT, sent_at__isnull=False)
+    if since is not None:
+        qs = qs.filter(sent_at__gte=since)
+    if channel:
+        qs = qs.filter(channel=channel)
+    rows = qs.order_by("-sent_at").values_list(
+        "channel", "sent_at", "alert__ingested_at", "alert__candle_close_at", "alert__detected_at"
+    )[:limit]
+    samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for chan, sent, ingested, closed, detected in rows:
+        for span, stamp in zip(LATENCY_SPANS, (ingested, closed, detected), strict=True):
+            if stamp is not None:
+                samples[chan][span].append((sent - stamp).total_seconds() * 1000)
+    return {
+        chan: {
+            span: {
+                "count": len(values),
+                "p50": percentile(values, 50),
+                "p95": percentile(values, 95),
+                "p99": percentile(values, 99),
+            }
+            for span, values in spans.items()
+        }
+        for chan, spans in sorted(samples.items())
+    }
