@@ -1,0 +1,249 @@
+"""Metrics of a canary phase window, computed in SQL from the trading records.
+
+The window is ``(since, now]`` (after the phase's start, up to the evaluation time, both
+passed in) for one deployment: an order stamped with the very instant of a promotion was
+placed under the phase that ended then. Orders are the deployment's orders submitted in
+the window, flatten orders (the rollback's own) excluded. Definitions:
+
+- ``orders``: submitted orders.
+- ``latency_p95_ms``: 95th percentile (linear interpolation, as PostgreSQL's
+  ``percentile_cont``) of submit-to-acknowledgement latency: ``latency_ms`` when the router
+  stored it, else ``acked_at - submitted_at``.
+- ``fill_rate``: filled / requested quantity over the orders with a known outcome (not
+  PENDING and not errored: errors are counted by ``error_rate``, not twice).
+- ``slippage_bps``: mean signed slippage (positive = against us).
+- ``confluence_avg``: mean score of the distinct signals that produced the orders.
+- ``drawdown_pct``: worst peak-to-trough fall of equity (snapshots are marked to market) in
+  the window, starting from the last snapshot at or before ``since``; <= 0.
+- ``error_rate``: errored (ERROR, REJECTED, UNKNOWN) / submitted.
+- ``critical_errors``: orders flagged critical.
+- ``stream_gap_s``: longest current silence among the deployment's market streams (its
+  symbols on its timeframe, any exchange): ``now`` minus the last candle received; a
+  stream never heard of counts from ``since``.
+- ``db_ok``: true: the queries above ran.
+
+A metric without data is ``None`` (the engine skips it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import connections
+from django.db.models import Max, QuerySet
+
+from trading.models import Deployment, EquitySnapshot, MarketStream, Order, OrderStatus, Signal
+
+from .engine import Metrics
+
+P95 = 0.95
+ERRORED = (OrderStatus.ERROR, OrderStatus.REJECTED, OrderStatus.UNKNOWN)
+FLATTEN = "flatten"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    deployment_id: int
+    since: datetime
+    now: datetime
+
+
+def window_orders(window: Window, using: str = "default") -> QuerySet[Order]:
+    return (
+        Order.objects.using(using)
+        .filter(
+            deployment_id=window.deployment_id,
+            submitted_at__gt=window.since,
+            submitted_at__lte=window.now,
+        )
+        .exclude(purpose=FLATTEN)
+    )
+
+
+def phase_metrics(
+    *, deployment: Deployment, since: datetime, now: datetime, using: str = "default"
+) -> Metrics:
+    window = Window(deployment.pk, since, now)
+    connection = connections[using]
+    with connection.cursor() as cursor:
+        counts = _order_aggregates(cursor, connection, window)
+        latency = counts.pop("latency_p95")
+        if connection.vendor != "postgresql" and counts["latency_n"]:
+            latency = _latency_p95_offset(cursor, connection, window, counts["latency_n"])
+        drawdown = _drawdown_pct(cursor, connection, window)
+    submitted = counts["orders"] or 0
+    requested = counts["requested"] or 0.0
+    return Metrics(
+        orders=submitted,
+        latency_p95_ms=_nonneg(latency),
+        fill_rate=_clamp01((counts["filled"] or 0.0) / requested) if requested > 0 else None,
+        slippage_bps=_finite(counts["slippage"]),
+        confluence_avg=_confluence(counts["confluence"]),
+        drawdown_pct=drawdown,
+        error_rate=(counts["errored"] / submitted) if submitted else None,
+        critical_errors=int(counts["critical"] or 0),
+        stream_gap_s=_stream_gap_s(deployment, window, using),
+        db_ok=True,
+    )
+
+
+# One statement for the order aggregates (and, on PostgreSQL, the percentile); raw SQL
+# keeps an evaluation to a few round trips without ORM compilation on every step.
+_WHERE = "o.deployment_id = %s AND o.submitted_at > %s AND o.submitted_at <= %s AND o.purpose <> %s"
+_ERRORED_SQL = "o.status IN ({})".format(", ".join(f"'{s.value}'" for s in ERRORED))
+_KNOWN_SQL = "o.status NOT IN ({})".format(
+    ", ".join(f"'{s.value}'" for s in (*ERRORED, OrderStatus.PENDING))
+)
+_LATENCY_EXPR = {
+    "postgresql": (
+        "COALESCE(o.latency_ms, EXTRACT(EPOCH FROM (o.acked_at - o.submitted_at)) * 1000.0)"
+    ),
+    "sqlite": (
+        "COALESCE(o.latency_ms, (julianday(o.acked_at) - julianday(o.submitted_at)) * 86400000.0)"
+    ),
+}
+_HAS_LATENCY = "(o.latency_ms IS NOT NULL OR o.acked_at IS NOT NULL)"
+
+
+def _params(connection: Any, window: Window) -> list[Any]:
+    ops = connection.ops
+    return [
+        window.deployment_id,
+        ops.adapt_datetimefield_value(window.since),
+        ops.adapt_datetimefield_value(window.now),
+        FLATTEN,
+    ]
+
+
+def _order_aggregates(cursor: Any, connection: Any, window: Window) -> dict[str, Any]:
+    vendor = connection.vendor
+    latency = _LATENCY_EXPR.get(vendor, _LATENCY_EXPR["sqlite"])
+    if vendor == "postgresql":
+        p95 = (
+            f"percentile_cont({P95}) WITHIN GROUP (ORDER BY {latency})"
+            f" FILTER (WHERE {_HAS_LATENCY})"
+        )
+    else:
+        p95 = "NULL"
+    orders, signals = Order._meta.db_table, Signal._meta.db_table
+    sql = f"""
+        SELECT COUNT(*),
+               SUM(CASE WHEN {_ERRORED_SQL} THEN 1 ELSE 0 END),
+               SUM(CASE WHEN o.critical THEN 1 ELSE 0 END),
+               SUM(CASE WHEN {_KNOWN_SQL} THEN o.requested_qty END),
+               SUM(CASE WHEN {_KNOWN_SQL} THEN o.filled_qty END),
+               AVG(o.slippage_bps),
+               SUM(CASE WHEN {_HAS_LATENCY} THEN 1 ELSE 0 END),
+               {p95},
+               (SELECT AVG(s.score) FROM {signals} s WHERE s.id IN (
+                    SELECT o.signal_id FROM {orders} o WHERE {_WHERE}))
+        FROM {orders} o WHERE {_WHERE}
+    """
+    params = _params(connection, window)
+    cursor.execute(sql, params + params)
+    row = cursor.fetchone()
+    keys = (
+        "orders",
+        "errored",
+        "critical",
+        "requested",
+        "filled",
+        "slippage",
+        "latency_n",
+        "latency_p95",
+        "confluence",
+    )
+    return dict(zip(keys, row, strict=True))
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _clamp01(value: float) -> float:
+    return min(1.0, max(0.0, value))
+
+
+def _confluence(value: Any) -> float | None:
+    return None if value is None else min(4.0, max(0.0, float(value)))
+
+
+# --- latency percentile on SQLite ---------------------------------------------------------
+
+
+def _latency_p95_offset(cursor: Any, connection: Any, window: Window, n: int) -> float | None:
+    """percentile_cont without the function: the two neighbouring values of the rank
+    ``0.95 * (n - 1)``, fetched with ORDER BY ... LIMIT 2 OFFSET k, interpolated."""
+    latency = _LATENCY_EXPR["sqlite"]
+    rank = P95 * (n - 1)
+    k = math.floor(rank)
+    cursor.execute(
+        f"SELECT {latency} AS v FROM {Order._meta.db_table} o"
+        f" WHERE {_WHERE} AND {_HAS_LATENCY} ORDER BY v LIMIT 2 OFFSET %s",
+        [*_params(connection, window), k],
+    )
+    values = [row[0] for row in cursor.fetchall()]
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    low, high = values
+    return low + (high - low) * (rank - k)
+
+
+def _nonneg(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return max(0.0, value) if math.isfinite(value) else None
+
+
+# --- drawdown -----------------------------------------------------------------------------
+
+_DRAWDOWN_SQL = """
+SELECT MIN(equity / peak - 1.0) FROM (
+    SELECT equity,
+           MAX(equity) OVER (ORDER BY ts, id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+               AS peak
+    FROM {table}
+    WHERE deployment_id = %s AND ts <= %s AND ts >= COALESCE(
+        (SELECT MAX(ts) FROM {table} WHERE deployment_id = %s AND ts <= %s), %s)
+) marks
+WHERE peak > 0
+"""
+
+
+def _drawdown_pct(cursor: Any, connection: Any, window: Window) -> float | None:
+    ops = connection.ops
+    since = ops.adapt_datetimefield_value(window.since)
+    now = ops.adapt_datetimefield_value(window.now)
+    sql = _DRAWDOWN_SQL.format(table=EquitySnapshot._meta.db_table)
+    cursor.execute(sql, [window.deployment_id, now, window.deployment_id, since, since])
+    value = cursor.fetchone()[0]
+    if value is None or not math.isfinite(value):
+        return None
+    return min(0.0, round(float(value) * 100.0, 6))
+
+
+# --- market streams -----------------------------------------------------------------------
+
+
+def _stream_gap_s(deployment: Deployment, window: Window, using: str) -> float | None:
+    symbols = [s for s in (deployment.symbols or []) if isinstance(s, str)]
+    if not symbols:
+        return None
+    rows = (
+        MarketStream.objects.using(using)
+        .filter(symbol__in=symbols, timeframe=deployment.timeframe)
+        .values("symbol")
+        .annotate(last=Max("last_received_at"))
+    )
+    last_by_symbol = {row["symbol"]: row["last"] for row in rows}
+    gaps = []
+    for symbol in symbols:
+        last = last_by_symbol.get(symbol) or window.since
+        gaps.append((window.now - last).total_seconds())
+    return round(max(0.0, *gaps), 3)

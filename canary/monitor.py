@@ -1,0 +1,294 @@
+"""The canary monitor step: metrics of the phase window -> engine verdict -> lifecycle
+decision -> services. Time is passed in (``now``): the beat task passes the wall clock,
+the rehearsal the candle clock.
+
+Per rollout and step, in one transaction: lock the rollout, compute the metrics in SQL,
+evaluate, decide, store a ``GateEvaluation`` and apply the decision through the services
+(each writing its audit record). RUNNING rollouts follow every decision; PAUSED and LIVE
+ones keep being judged with the breaker armed (a FAIL rolls back) but are not promoted,
+extended or paused. ROLLING_BACK rollouts become ROLLED_BACK once their rollback is flat.
+
+Canary alerts: a WARNING (once per run of WARNINGs), every FAIL (breaker or not), and each
+state change (from the services).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from django.db import DatabaseError, connection, transaction
+
+from . import services
+from .engine import Action, Decision, Metrics, Outcome, Thresholds, Verdict, decide, evaluate
+from .metrics import phase_metrics
+from .models import GateEvaluation, Phase, Rollback, RollbackState, Rollout, RolloutState
+
+logger = logging.getLogger(__name__)
+
+DB_FAILURE_KEY = "canary:dbfail:{deployment_id}"
+STEP_STATES = (*services.MONITORED_STATES, RolloutState.ROLLING_BACK)
+
+
+@dataclass
+class StepResult:
+    rollout_id: int
+    state: str
+    phase: int | None = None
+    verdict: str | None = None
+    action: str = Action.NONE.value
+    reasons: list[str] = field(default_factory=list)
+    evaluation_id: int | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rollout": self.rollout_id,
+            "state": self.state,
+            "phase": self.phase,
+            "verdict": self.verdict,
+            "action": self.action,
+            "reasons": self.reasons,
+            "evaluation": self.evaluation_id,
+            "error": self.error,
+        }
+
+
+def monitor_all(*, now: datetime) -> list[StepResult]:
+    """One step for every rollout that is being monitored; one failing rollout never
+    stops the others."""
+    rows = list(
+        Rollout.objects.filter(state__in=STEP_STATES)
+        .order_by("pk")
+        .values_list("pk", "deployment_id", "state")
+    )
+    results = []
+    for rollout_id, deployment_id, state in rows:
+        try:
+            results.append(monitor_step(rollout_id=rollout_id, now=now))
+        except DatabaseError as exc:
+            lost = _database_lost()
+            if lost:
+                _fail_closed(deployment_id)
+            logger.exception("canary monitor: rollout %s (database lost: %s)", rollout_id, lost)
+            results.append(StepResult(rollout_id, state, error=f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - logged, reported, the loop goes on
+            logger.exception("canary monitor: rollout %s", rollout_id)
+            results.append(StepResult(rollout_id, state, error=f"{type(exc).__name__}: {exc}"))
+    return results
+
+
+def monitor_step(*, rollout_id: int, now: datetime) -> StepResult:
+    with transaction.atomic():
+        rollout = (
+            Rollout.objects.select_for_update().select_related("deployment").get(pk=rollout_id)
+        )
+        if rollout.state == RolloutState.ROLLING_BACK:
+            rollout = services.rollout_settle_rollback(rollout=rollout, now=now)
+            return StepResult(rollout.pk, rollout.state, rollout.current_phase or None)
+        if rollout.state not in services.MONITORED_STATES:
+            return StepResult(rollout.pk, rollout.state, rollout.current_phase or None)
+        running = Rollback.objects.filter(
+            deployment_id=rollout.deployment_id, state=RollbackState.RUNNING
+        ).first()
+        if running is not None:
+            rollout = services.rollout_join_rollback(rollout=rollout, rollback=running, now=now)
+            return StepResult(rollout.pk, rollout.state, rollout.current_phase or None)
+        return _evaluate_and_act(rollout, now)
+
+
+def _evaluate_and_act(rollout: Rollout, now: datetime) -> StepResult:
+    phase = services.current_phase(rollout)
+    if phase is None or phase.started_at is None:
+        return StepResult(rollout.pk, rollout.state, error="no current phase")
+    thresholds = Thresholds.from_dict(rollout.thresholds or {})
+    metrics = phase_metrics(deployment=rollout.deployment, since=phase.started_at, now=now)
+    if _consume_db_failure(rollout.deployment_id):
+        metrics = replace(metrics, db_ok=False)
+    verdict = evaluate(metrics, thresholds, phase.index)
+    decision = _decision(rollout, phase, verdict, now)
+    previous_verdict = None
+    if verdict.outcome is Outcome.WARNING:
+        previous_verdict = (
+            phase.evaluations.order_by("-evaluated_at", "-id")
+            .values_list("verdict", flat=True)
+            .first()
+        )
+    evaluation = GateEvaluation.objects.create(
+        rollout=rollout,
+        phase=phase,
+        evaluated_at=now,
+        metrics=_metrics_json(metrics),
+        verdict=verdict.outcome.value,
+        reasons=[r.message for r in verdict.reasons],
+        action=decision.action.value,
+    )
+    _alert_verdict(rollout, phase, verdict, evaluation, previous_verdict, now)
+    if decision.action is not Action.NONE:
+        _apply(rollout, phase, verdict, decision, now)
+        rollout.refresh_from_db(fields=["state", "current_phase"])
+    return StepResult(
+        rollout.pk,
+        rollout.state,
+        phase.index,
+        verdict.outcome.value,
+        decision.action.value,
+        [r.message for r in verdict.reasons],
+        evaluation.pk,
+    )
+
+
+def _metrics_json(metrics: Metrics) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(metrics)
+
+
+def _decision(rollout: Rollout, phase: Phase, verdict: Verdict, now: datetime) -> Decision:
+    started = phase.started_at
+    assert started is not None
+    ends_at = phase.ends_at or started
+    decision = decide(
+        verdict,
+        phase_elapsed_s=(now - started).total_seconds(),
+        min_duration_s=(ends_at - started).total_seconds(),
+        previous_warning=phase.consecutive_warnings > 0,
+        needs_manual_promote=phase.needs_manual_promote,
+        is_last_phase=phase.index >= len(rollout.plan or []),
+    )
+    if rollout.state == RolloutState.RUNNING or decision.action is Action.ROLLBACK:
+        return decision
+    return Decision(Action.NONE, f"rollout {rollout.state}: only a FAIL acts")
+
+
+def _apply(
+    rollout: Rollout, phase: Phase, verdict: Verdict, decision: Decision, now: datetime
+) -> None:
+    action = decision.action
+    reasons = [r.message for r in verdict.reasons]
+    detail = f"{decision.reason}: {'; '.join(reasons)}" if reasons else decision.reason
+    actor = services.SYSTEM_ACTOR
+    if action is Action.ROLLBACK:
+        breaker = " (circuit breaker)" if verdict.breaker_tripped else ""
+        services.rollout_rollback(
+            rollout=rollout,
+            actor=actor,
+            reason=f"verdict FAIL in phase {phase.index}{breaker}: {'; '.join(reasons)}"[:300],
+            reasons=reasons,
+            trigger="gate",
+            now=now,
+        )
+    elif action is Action.PROMOTE:
+        services.rollout_promote(rollout=rollout, actor=actor, reason=decision.reason, now=now)
+    elif action is Action.MARK_LIVE:
+        services.rollout_mark_live(rollout=rollout, actor=actor, reason=decision.reason, now=now)
+    elif action is Action.EXTEND:
+        warning = verdict.outcome is Outcome.WARNING
+        services.phase_extend(rollout=rollout, phase=phase, warning=warning, reason=detail, now=now)
+    elif action is Action.PAUSE:
+        services.rollout_pause(rollout=rollout, actor=actor, reason=detail[:300], now=now)
+    elif action is Action.AWAIT_PROMOTE:
+        _await_promote(rollout, phase, now)
+
+
+def _await_promote(rollout: Rollout, phase: Phase, now: datetime) -> None:
+    """Once per phase: the phase passed and waits for a person's promote."""
+    if phase.outcome == "AWAIT_PROMOTE":
+        return
+    phase.outcome = "AWAIT_PROMOTE"
+    phase.save(update_fields=["outcome"])
+    services.phase_reset_warnings(phase=phase)
+    from audit.services import audit_record
+
+    audit_record(
+        action="rollout.await_promote",
+        actor=services.SYSTEM_ACTOR,
+        target=rollout,
+        payload={"phase": phase.index},
+    )
+    services.rollout_alert(
+        rollout,
+        kind="await_promote",
+        severity="warning",
+        message=f"phase {phase.index} passed; waiting for a person's promote",
+        now=now,
+    )
+
+
+def _alert_verdict(
+    rollout: Rollout,
+    phase: Phase,
+    verdict: Verdict,
+    evaluation: GateEvaluation,
+    previous_verdict: str | None,
+    now: datetime,
+) -> None:
+    reasons = "; ".join(r.message for r in verdict.reasons)
+    payload = {
+        "rollout": rollout.pk,
+        "phase": phase.index,
+        "evaluation": evaluation.pk,
+        "verdict": verdict.outcome.value,
+        "reasons": [r.message for r in verdict.reasons],
+    }
+    if verdict.outcome is Outcome.FAIL:
+        kind = "breaker" if verdict.breaker_tripped else "fail"
+        title = "circuit breaker tripped" if verdict.breaker_tripped else "gate FAIL"
+        services.canary_alert(
+            key=f"rollout:{rollout.pk}:{kind}:{evaluation.pk}",
+            severity="critical",
+            message=f"{rollout.name}: {title} in phase {phase.index}: {reasons}",
+            payload={**payload, "kind": kind},
+        )
+    elif verdict.outcome is Outcome.WARNING and previous_verdict != Outcome.WARNING.value:
+        services.canary_alert(
+            key=f"rollout:{rollout.pk}:warning:{evaluation.pk}",
+            severity="warning",
+            message=f"{rollout.name}: WARNING in phase {phase.index}: {reasons}",
+            payload={**payload, "kind": "warning"},
+        )
+
+
+# --- database loss: fail closed -----------------------------------------------------------
+
+
+def _database_lost() -> bool:
+    """A query failed: is the database gone (a fresh connection cannot answer), or was it
+    a transient error the next step retries?"""
+    with contextlib.suppress(Exception):
+        connection.close()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except Exception:  # noqa: BLE001 - any failure here means the database is lost
+        return True
+    return False
+
+
+def _fail_closed(deployment_id: int) -> None:
+    """No database: halt the deployment in Redis (the order router reads it there) and
+    remember it, so that the next step with a database judges ``db_ok=False`` (FAIL) and
+    starts the rollback."""
+    from trading.models import KillSwitch
+
+    from . import killswitch
+    from .heartbeat import redis_client
+
+    try:
+        killswitch.write_redis(deployment_id, KillSwitch.HALTED)
+        redis_client().set(DB_FAILURE_KEY.format(deployment_id=deployment_id), "1", ex=86400)
+    except Exception:  # noqa: BLE001 - nothing else can be done without DB and Redis
+        logger.critical("deployment %s: database and Redis unreachable", deployment_id)
+
+
+def _consume_db_failure(deployment_id: int) -> bool:
+    from .heartbeat import redis_client
+
+    try:
+        return bool(redis_client().getdel(DB_FAILURE_KEY.format(deployment_id=deployment_id)))
+    except Exception:  # noqa: BLE001 - no Redis: no remembered failure
+        return False
