@@ -1,0 +1,32 @@
+"""Every registered task can be sent with the configured limits (a task whose own hard
+limit is below a soft limit is refused by Celery at apply time, silently in beat)."""
+
+from config.celery import app
+
+
+def _project_tasks():
+    app.loader.import_default_modules()
+    return {name: task for name, task in app.tasks.items() if not name.startswith("celery.")}
+
+
+def test_project_tasks_are_registered():
+    names = set(_project_tasks())
+    assert {"canary.heartbeat", "alerts.process_candles", "canary.monitor"} <= names
+
+
+def test_time_limits_are_consistent():
+    default_hard = app.conf.task_time_limit
+    default_soft = app.conf.task_soft_time_limit
+    for name, task in _project_tasks().items():
+        hard = task.time_limit if task.time_limit is not None else default_hard
+        soft = task.soft_time_limit if task.soft_time_limit is not None else default_soft
+        if hard is not None and soft is not None:
+            assert soft <= hard, f"{name}: soft limit {soft} > hard limit {hard}"
+
+
+def test_heartbeat_task_runs_and_marks_the_worker(redis_url):
+    from canary.heartbeat import KEY_WORKER, last_seen, redis_client
+
+    redis_client().delete(KEY_WORKER)
+    app.tasks["canary.heartbeat"].apply_async().get()
+    assert last_seen(KEY_WORKER) is not None

@@ -1,0 +1,201 @@
+"""POST /api/v1/market/candles: validation, idempotency, conflicts, and what gets stored."""
+
+import json
+
+import pytest
+from rest_framework.test import APIClient
+
+from audit.models import AuditEvent
+from trading.models import Candle, MarketStream
+
+URL = "/api/v1/market/candles"
+
+
+def candle(**overrides):
+    base = {
+        "exchange": "binance",
+        "symbol": "ETH/BTC",
+        "timeframe": "5m",
+        "open_time_ms": 1515560100000,
+        "open": 0.0984,
+        "high": 0.0994766,
+        "low": 0.09828605,
+        "close": 0.0994766,
+        "volume": 1820.54,
+    }
+    return base | overrides
+
+
+@pytest.fixture
+def client(api_token):
+    c = APIClient()
+    c.credentials(HTTP_AUTHORIZATION=f"Token {api_token()}")
+    return c
+
+
+def post(client, body):
+    return client.post(URL, body, format="json")
+
+
+@pytest.mark.django_db
+def test_requires_token():
+    response = APIClient().post(URL, [candle()], format="json")
+    assert response.status_code == 401
+    assert not Candle.objects.exists()
+
+
+@pytest.mark.django_db
+def test_valid_batch_is_stored_with_close_time_and_stream_freshness(client):
+    response = post(client, [candle(), candle(open_time_ms=1515560400000)])
+    assert response.status_code == 201, response.json()
+    assert response.json()["created"] == 2
+    first = Candle.objects.order_by("open_time_ms").first()
+    assert first.close_time_ms == 1515560100000 + 300_000 - 1
+    stream = MarketStream.objects.get()
+    assert stream.last_open_time_ms == 1515560400000
+    assert stream.candles_received == 2
+    event = AuditEvent.objects.get(action="candles.ingest")
+    assert event.actor == "ops"
+    assert event.payload["created"] == 2
+
+
+@pytest.mark.django_db
+def test_wrapped_form_is_accepted(client):
+    assert post(client, {"candles": [candle()]}).status_code == 201
+
+
+@pytest.mark.django_db
+def test_repeated_identical_candle_is_a_noop(client):
+    assert post(client, [candle()]).status_code == 201
+    response = post(client, [candle()])
+    assert response.status_code == 200
+    assert response.json() == {"created": 0, "duplicates": 1, "late": 0, "ids": []}
+    assert Candle.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_same_key_with_other_values_is_rejected_and_recorded(client):
+    post(client, [candle()])
+    response = post(client, [candle(open_time_ms=1515560400000), candle(close=0.099)])
+    assert response.status_code == 409
+    body = response.json()
+    assert body["conflicts"][0]["index"] == 1
+    assert body["conflicts"][0]["stored"]["close"] == 0.0994766
+    assert body["conflicts"][0]["received"]["close"] == 0.099
+    assert Candle.objects.count() == 1, "nothing from the conflicting batch is stored"
+    assert AuditEvent.objects.filter(action="candles.conflict").count() == 1
+
+
+@pytest.mark.django_db
+def test_late_candle_is_stored_but_marked(client):
+    post(client, [candle(open_time_ms=1515560400000)])
+    response = post(client, [candle()])
+    assert response.json()["late"] == 1
+    assert Candle.objects.get(open_time_ms=1515560100000).late is True
+
+
+BAD_ITEMS = [
+    (candle(open="abc"), "open", "finite number"),
+    (candle(high=True), "high", "finite number"),
+    (candle(high=0.09, low=0.095, open=0.092, close=0.092), "high", "below low"),
+    (candle(open=0.2), "open", "outside [low, high]"),
+    (candle(close=0.01), "close", "outside [low, high]"),
+    (candle(volume=-1), "volume", "must not be negative"),
+    (candle(low=0, open=0.05, close=0.05), "low", "positive"),
+    (candle(low=-1.0), "low", "positive"),
+    (candle(timeframe="7m"), "timeframe", "unknown timeframe"),
+    (candle(open_time_ms="soon"), "open_time_ms", "integer"),
+    (candle(open_time_ms=-5), "open_time_ms", "integer"),
+    (candle(symbol=""), "symbol", "non-empty"),
+    ({k: v for k, v in candle().items() if k != "volume"}, "volume", "required"),
+    (candle(extra=1), "extra", "unknown field"),
+    ("not an object", "", "JSON object"),
+]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("item", "field", "message"), BAD_ITEMS)
+def test_bad_item_rejects_whole_batch_naming_the_problem(client, item, field, message):
+    good = candle(open_time_ms=1515560400000)
+    response = post(client, [good, item])
+    assert response.status_code == 400
+    errors = response.json()["errors"]
+    assert any(
+        e["index"] == 1 and e["field"] == field and message in e["message"] for e in errors
+    ), errors
+    assert not Candle.objects.exists(), "nothing from an invalid batch is stored"
+    assert not AuditEvent.objects.filter(action="candles.ingest").exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("literal", "field"), [("NaN", "close"), ("Infinity", "volume"), ("-Infinity", "low")]
+)
+def test_non_finite_literals_are_named(client, literal, field):
+    good = json.dumps(candle(open_time_ms=1515560400000))
+    bad = json.dumps(candle()).replace(f'"{field}": {candle()[field]}', f'"{field}": {literal}')
+    assert literal in bad
+    response = client.generic("POST", URL, f"[{good}, {bad}]", content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["errors"] == [
+        {"index": 1, "field": field, "message": "must be a finite number"}
+    ]
+    assert not Candle.objects.exists()
+
+
+@pytest.mark.django_db
+def test_every_offending_item_gets_an_error(client):
+    response = post(
+        client, [candle(open="x"), candle(open_time_ms=1515560400000), candle(volume=-1)]
+    )
+    assert {(e["index"], e["field"]) for e in response.json()["errors"]} == {
+        (0, "open"),
+        (2, "volume"),
+    }
+
+
+@pytest.mark.django_db
+def test_duplicate_key_within_batch_is_an_error(client):
+    response = post(client, [candle(), candle()])
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["index"] == 1
+
+
+@pytest.mark.django_db
+def test_more_than_1000_candles_is_refused(client):
+    items = [candle(open_time_ms=1515560100000 + i * 300_000) for i in range(1001)]
+    response = post(client, items)
+    assert response.status_code == 400
+    assert "at most 1000" in response.json()["errors"][0]["message"]
+    assert not Candle.objects.exists()
+
+
+@pytest.mark.django_db
+def test_exactly_1000_candles_are_accepted(client):
+    items = [candle(open_time_ms=1515560100000 + i * 300_000) for i in range(1000)]
+    assert post(client, items).status_code == 201
+    assert Candle.objects.count() == 1000
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body", [b"{not json", b"[1,2", b""])
+def test_malformed_json_is_400(client, body):
+    response = client.generic("POST", URL, body, content_type="application/json")
+    assert response.status_code == 400
+    assert not Candle.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body", [{}, [], {"candles": "x"}, 5])
+def test_wrong_shapes_are_400(client, body):
+    response = post(client, body)
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["field"] == "candles"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_processing_is_queued_on_commit(client):
+    """Processing runs in the (eager) task once the transaction has committed."""
+    response = post(client, [candle()])
+    assert response.status_code == 201
+    assert Candle.objects.get().processed_at is not None
