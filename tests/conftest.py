@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def _flush_past_audit_triggers() -> None:
     """TransactionTestCase flushes every table between tests; the audit table's
     append-only triggers are dropped and re-created around that flush only, in the
     flush's own transaction."""
-    from django.db import transaction
+    from django.db import OperationalError, transaction
     from django.db.backends.base.operations import BaseDatabaseOperations
 
     from audit.triggers import suspended
@@ -63,8 +64,18 @@ def _flush_past_audit_triggers() -> None:
     original = BaseDatabaseOperations.execute_sql_flush
 
     def execute_sql_flush(self, sql_list):
-        with transaction.atomic(using=self.connection.alias), suspended(self.connection):
-            original(self, sql_list)
+        # A live stack's worker may still hold row locks from the test that just ended;
+        # TRUNCATE's exclusive lock can then deadlock with it. PostgreSQL aborts one side;
+        # when it is the flush, the flush is retried (the whole transaction rolled back).
+        for attempt in range(5):
+            try:
+                with transaction.atomic(using=self.connection.alias), suspended(self.connection):
+                    original(self, sql_list)
+                return
+            except OperationalError as exc:
+                if "deadlock detected" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     BaseDatabaseOperations.execute_sql_flush = execute_sql_flush
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -49,6 +50,26 @@ class LiveStack:
         if "beat" not in self.stack.procs:
             self.stack.start_beat()
 
+    def quiesce(self, timeout: float = 30.0) -> None:
+        """Stop beat and wait until the worker has no task running or reserved, so the
+        next test's table flush does not race work the last test left behind."""
+        from config.celery import app
+
+        if "beat" in self.stack.procs:
+            self.stack.kill("beat", signal.SIGTERM)
+        inspect = app.control.inspect(timeout=1.0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            busy = [
+                task
+                for replies in (inspect.active() or {}, inspect.reserved() or {})
+                for tasks in replies.values()
+                for task in tasks
+            ]
+            if not busy:
+                return
+            time.sleep(0.2)
+
 
 def _stack_env(redis_url: str) -> dict[str, str]:
     from django.db import connection
@@ -89,6 +110,19 @@ def live_stack(django_db_setup, django_db_blocker, request, tmp_path_factory):
         yield LiveStack(stack=stack, port=port)
     finally:
         stack.stop()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_after_live_stack(request):
+    """After a test on the live stack, stop beat and let the worker drain before the
+    database is flushed (requested after the database fixture, so torn down before it)."""
+    if "live_stack" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("transactional_db")
+    stack = request.getfixturevalue("live_stack")
+    yield
+    stack.quiesce()
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1):
