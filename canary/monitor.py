@@ -91,9 +91,20 @@ def monitor_step(*, rollout_id: int, now: datetime) -> StepResult:
             return StepResult(rollout.pk, rollout.state, rollout.current_phase or None)
         if rollout.state not in services.MONITORED_STATES:
             return StepResult(rollout.pk, rollout.state, rollout.current_phase or None)
-        running = Rollback.objects.filter(
-            deployment_id=rollout.deployment_id, state=RollbackState.RUNNING
-        ).first()
+        # A rollback running for the deployment, or one linked to this rollout that is
+        # already past stage 1 (replayed from the journal after the database came back).
+        running = (
+            Rollback.objects.filter(
+                deployment_id=rollout.deployment_id, state=RollbackState.RUNNING
+            )
+            .order_by("-pk")
+            .first()
+        ) or (
+            Rollback.objects.filter(rollout=rollout)
+            .exclude(state__in=(RollbackState.FAILED, RollbackState.RESTORED))
+            .order_by("-pk")
+            .first()
+        )
         if running is not None:
             rollout = services.rollout_join_rollback(rollout=rollout, rollback=running, now=now)
             return StepResult(rollout.pk, rollout.state, rollout.current_phase or None)

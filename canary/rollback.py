@@ -39,6 +39,7 @@ from audit.services import audit_record
 from trading.models import Deployment, Fill, KillSwitch, Order, OrderStatus, Position
 
 from . import killswitch, safety_adapters
+from .heartbeat import redis_client
 from .journal import Journal, JournalState, now_iso, pending_journals, recent_errors
 from .models import Backup, GateEvaluation, Rollback, RollbackState, RollbackStep, Rollout
 from .stage1 import (
@@ -374,6 +375,7 @@ def journal_replay(journal: Journal, state: JournalState | None = None) -> Rollb
         transaction.on_commit(journal.archive)
         if state.stage1_done:
             transaction.on_commit(lambda: active_clear(rollback.deployment_id, state.key))
+            transaction.on_commit(lambda: _forget_db_failure(rollback.deployment_id))
         if rollback.state in OPEN_STATES:
             transaction.on_commit(lambda: enqueue_run(rollback.pk), robust=True)
     return rollback
@@ -396,10 +398,30 @@ def _replay_rollback(state: JournalState) -> Rollback:
     return rollback
 
 
+# The rollout states a rollback of their deployment takes over (services.MONITORED_STATES
+# and ROLLING_BACK; not imported from services, which imports this module).
+_ROLLOUT_FOLLOWS = ("RUNNING", "PAUSED", "LIVE", "ROLLING_BACK")
+
+
+def _forget_db_failure(deployment_id: int) -> None:
+    """The offline stage 1 flattened what the monitor's fail-closed halt left open."""
+    from .monitor import DB_FAILURE_KEY
+
+    with contextlib.suppress(redis.RedisError):
+        redis_client().delete(DB_FAILURE_KEY.format(deployment_id=deployment_id))
+
+
 def _replay_create(state: JournalState) -> Rollback:
     header = state.header
+    deployment_id = header["deployment"]["id"]
+    rollout = (
+        Rollout.objects.filter(deployment_id=deployment_id, state__in=_ROLLOUT_FOLLOWS)
+        .order_by("-pk")
+        .first()
+    )
     fields: dict[str, Any] = {
-        "deployment_id": header["deployment"]["id"],
+        "deployment_id": deployment_id,
+        "rollout": rollout,
         "trigger": header.get("trigger", "watchdog"),
         "cause": str(header.get("cause", ""))[:300],
         "reasons": header.get("reasons", []),

@@ -30,6 +30,7 @@ from trading.models import Deployment, KillSwitch
 
 from . import killswitch, safety_adapters
 from .heartbeat import redis_client
+from .journal import Journal
 from .models import Rollback, Rollout, RolloutState
 from .rollback import (
     OPEN_STATES,
@@ -37,7 +38,14 @@ from .rollback import (
     journal_replay_pending,
     rollback_request,
 )
-from .stage1 import DeploymentSnapshot, Lease, rkey, snapshot_store, snapshots_all
+from .stage1 import (
+    DeploymentSnapshot,
+    Lease,
+    active_get,
+    rkey,
+    snapshot_store,
+    snapshots_all,
+)
 
 log = logging.getLogger("canary.watchdogs")
 TRADING = (KillSwitch.ACTIVE, KillSwitch.REDUCING)
@@ -91,7 +99,7 @@ def _database_down() -> list[int]:
 
     queued = []
     for snapshot in snapshots:
-        if _trading(snapshot.id):
+        if _trading(snapshot.id) or _halted_before_flat(snapshot.id):
             rollback_offline_task.delay(snapshot.id, "database unreachable")
             queued.append(snapshot.id)
     return queued
@@ -111,6 +119,22 @@ def _state(deployment_id: int) -> KillSwitch | None:
 
 def _trading(deployment_id: int) -> bool:
     return _state(deployment_id) in TRADING
+
+
+def _halted_before_flat(deployment_id: int) -> bool:
+    """HALTED by the monitor failing closed (database lost mid-step), with no offline
+    stage 1 finished since: halting stopped new orders, it did not close the positions."""
+    from .monitor import DB_FAILURE_KEY
+
+    try:
+        if not redis_client().exists(DB_FAILURE_KEY.format(deployment_id=deployment_id)):
+            return False
+        key = active_get(deployment_id)
+    except redis.RedisError:
+        return False
+    if key is None:
+        return True
+    return not Journal(settings.SAFETY_JOURNAL_DIR, key).state().stage1_done
 
 
 def snapshot_deployments() -> int:

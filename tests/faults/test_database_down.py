@@ -281,14 +281,6 @@ def test_the_records_appear_once_the_database_is_back(outcome: Outcome):
     assert outcome.signals_enabled is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a rollback replayed from the journal (canary/rollback.py _replay_create) is "
-    "not linked to the deployment's active rollout, and the monitor only joins a RUNNING "
-    "rollback (canary/monitor.py monitor_step): the rollout stays RUNNING in its phase, "
-    "judged and promotable, while its deployment is HALTED and flat",
-)
 def test_the_active_rollout_follows_the_rollback(outcome: Outcome):
     assert outcome.rollback_rollout == outcome.rollout_id
     assert outcome.rollout_state in ("ROLLING_BACK", "ROLLED_BACK")
@@ -318,16 +310,6 @@ def _lose_the_database() -> None:
         connection.settings_dict["PORT"] = 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: when the database dies during a canary monitor step, the monitor fails "
-    "closed by writing HALTED to the kill switch (canary/monitor.py monitor_all -> "
-    "_fail_closed), and the watchdog then skips the offline stage 1, which only flattens "
-    "deployments still ACTIVE or REDUCING (canary/watchdogs.py _database_down -> _trading): "
-    "the positions stay open for as long as the database is down (seen with a real worker "
-    "and beat when the cut lands mid-step)",
-)
 def test_a_monitor_failing_closed_first_does_not_stop_the_offline_flatten(
     deployment_factory, safety_tmp, redis_url, monkeypatch
 ):
