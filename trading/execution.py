@@ -353,6 +353,9 @@ _FRESH_SQL = """
 SELECT d.*,
        (SELECT u.client_order_id FROM {order} u
         WHERE u.deployment_id = d.id AND u.status = %s LIMIT 1) AS unknown_order,
+       (SELECT q.client_order_id FROM {order} q
+        WHERE q.deployment_id = d.id AND q.status = %s AND q.purpose = %s AND q.symbol = %s
+        LIMIT 1) AS pending_entry,
        (SELECT e.id FROM {order} e WHERE e.client_order_id = %s) AS existing_order,
        p.symbol AS p_symbol, p.qty AS p_qty, p.avg_entry AS p_avg_entry,
        p.realised_pnl AS p_realised, p.last_price AS p_last
@@ -362,9 +365,13 @@ WHERE d.id = %s
 """
 
 
-def _fresh(deployment_id: int, client_id: str | None = None) -> Deployment:
+def _fresh(
+    deployment_id: int, client_id: str | None = None, entry_symbol: str | None = None
+) -> Deployment:
     """The deployment as it is now, in one query, with ``unknown_order`` (the client id of
-    one of its UNKNOWN orders, None when there is none), ``existing_order`` (the id of the
+    one of its UNKNOWN orders, None when there is none), ``pending_entry`` (the client id
+    of a PENDING entry order on ``entry_symbol``: sent or being sent, its outcome not
+    recorded yet; None when there is none), ``existing_order`` (the id of the
     order with ``client_id``, None when there is none), ``held`` (symbol -> (qty, last
     price) of its non-zero positions) and ``books`` (symbol -> ``portfolio.Book`` of each
     position row, for ``portfolio.fill_record``'s conditional update)."""
@@ -373,7 +380,15 @@ def _fresh(deployment_id: int, client_id: str | None = None) -> Deployment:
         deployment=Deployment._meta.db_table,
         position=Position._meta.db_table,
     )
-    rows = list(Deployment.objects.raw(sql, [OrderStatus.UNKNOWN.value, client_id, deployment_id]))
+    params = [
+        OrderStatus.UNKNOWN.value,
+        OrderStatus.PENDING.value,
+        ENTRY,
+        entry_symbol,
+        client_id,
+        deployment_id,
+    ]
+    rows = list(Deployment.objects.raw(sql, params))
     if not rows:
         raise Deployment.DoesNotExist(f"deployment {deployment_id} does not exist")
     deployment = rows[0]
@@ -406,6 +421,13 @@ def _gate(deployment: Deployment, *, reduce_only: bool, payload: dict[str, Any])
     unknown = getattr(deployment, "unknown_order", None)
     if unknown is not None:
         raise _refuse(deployment, f"order {unknown} is UNKNOWN: reconcile first", payload)
+    pending = getattr(deployment, "pending_entry", None)
+    if not reduce_only and pending is not None:
+        # Sent by a worker that may have died before recording the outcome: entering again
+        # could double the position. The reconciliation settles it (or marks it UNKNOWN).
+        raise _refuse(
+            deployment, f"entry {pending} on this symbol is still PENDING: reconcile first", payload
+        )
 
 
 # --------------------------------------------------------------------------- submit
@@ -820,7 +842,7 @@ def order_for_signal(
     client order id ``entry-<sha1(deployment, signal)>``. Spot: a sell signal never opens
     a short (OrderRefused); the strategy closes longs with ``order_close``."""
     client_id = entry_client_id(signal)
-    deployment = _fresh(signal.deployment_id, client_id)
+    deployment = _fresh(signal.deployment_id, client_id, entry_symbol=signal.symbol)
     existing = _existing_of(deployment)
     if existing is not None:
         return existing

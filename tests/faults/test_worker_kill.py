@@ -421,15 +421,6 @@ def _signal(deployment, candle, now) -> Any:
     )  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="GAP: an entry left PENDING by a dead worker (sent, outcome never recorded) does "
-    "not block the next entry: trading/execution.py _gate refuses on UNKNOWN orders only, and "
-    "strategy.Holding.load reads positions, so the next buy signal before the reconciliation "
-    "settles it (TRADING_RECONCILE_INTERVAL_S 60 s + TRADING_UNKNOWN_GRACE_S 10 s: more than "
-    "one 1m candle) enters a second time",
-)
 def test_an_entry_left_pending_by_a_dead_worker_blocks_the_next_entry(
     deployment_factory, redis_url, settings
 ):

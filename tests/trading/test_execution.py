@@ -362,6 +362,28 @@ def test_reducing_allows_closes_but_not_entries(switch):
 
 
 @pytest.mark.django_db
+def test_a_pending_entry_blocks_entries_on_its_symbol_only(switch):
+    dep = make_deployment()
+    first = make_candle(ETH)
+    paper_for(dep, first)
+    Order.objects.create(
+        deployment=dep,
+        client_order_id=execution.entry_client_id(make_signal(dep, first)),
+        symbol=ETH,
+        side="buy",
+        requested_qty=1.0,
+        reference_price=first.close,
+        created_at=candle_clock(first),
+    )  # sent by a worker that died before it recorded the outcome
+    later = make_candle(ETH, open_ms=T0 + TF_MS)
+    with pytest.raises(execution.OrderRefused, match="still PENDING: reconcile first"):
+        buy(dep, later)
+    assert Order.objects.filter(symbol=ETH).count() == 1
+    other = buy(dep, make_candle(LTC, open_ms=T0 + TF_MS))
+    assert other.status == OrderStatus.FILLED
+
+
+@pytest.mark.django_db
 def test_killswitch_from_redis(redis_url):
     """The real kill switch in Redis: a deployment with an unused id, key removed after."""
     from canary import killswitch
