@@ -59,7 +59,7 @@ from .transports.websocket import WebSocketTransport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["alert_raise", "candles_process", "delivery_send"]
+__all__ = ["alert_raise", "candles_process", "deliveries_sweep", "delivery_send"]
 
 QUEUED_CHANNELS = (Channel.EMAIL, Channel.WEBHOOK)
 WAITING = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING, DeliveryStatus.SENDING)
@@ -575,11 +575,23 @@ class SendOutcome:
     retry_in: float | None = None
 
 
+RETRY_DUE_SLACK_S = 1.0
+"""A retry may be claimed this early: its countdown task fires at or after next_attempt_at,
+read on another worker's clock."""
+
+
 def _claim(delivery_id: int) -> Delivery | None:
+    """The one place that decides whether a delivery is sent now: pending, a retry that is
+    due, or sending but claimed longer than ALERTS_CLAIM_STALE_S ago (its worker died).
+    Its task may run more than once (the sweeper re-queues lost ones): only one claims."""
     now = timezone.now()
     stale = now - timedelta(seconds=settings.ALERTS_CLAIM_STALE_S)
-    claimable = Q(status__in=[DeliveryStatus.PENDING, DeliveryStatus.RETRYING]) | Q(
-        status=DeliveryStatus.SENDING, claimed_at__lt=stale
+    due = now + timedelta(seconds=RETRY_DUE_SLACK_S)
+    claimable = (
+        Q(status=DeliveryStatus.PENDING)
+        | Q(status=DeliveryStatus.RETRYING, next_attempt_at__isnull=True)
+        | Q(status=DeliveryStatus.RETRYING, next_attempt_at__lte=due)
+        | Q(status=DeliveryStatus.SENDING, claimed_at__lt=stale)
     )
     claimed = (
         Delivery.objects.filter(claimable, pk=delivery_id)
@@ -640,7 +652,7 @@ def _record_attempt(
             status=status,
             error=message,
             sent_at=finished if error is None else None,
-            next_attempt_at=finished + timedelta(seconds=retry_in) if retry_in else None,
+            next_attempt_at=None if retry_in is None else finished + timedelta(seconds=retry_in),
         )
         if status != DeliveryStatus.RETRYING:
             audit_record(
@@ -655,6 +667,54 @@ def _record_attempt(
                 },
             )
     return SendOutcome(status, retry_in)
+
+
+def _lost(now: datetime) -> Q:
+    """Deliveries whose alerts.deliver message may be lost (Redis restarted without
+    persistence, or the worker holding it died: an acks_late message comes back only after
+    the broker's visibility timeout), not re-queued in the last ALERTS_SWEEP_AFTER_S."""
+    after = now - timedelta(seconds=settings.ALERTS_SWEEP_AFTER_S)
+    stale = now - timedelta(seconds=settings.ALERTS_CLAIM_STALE_S)
+    lost = (
+        Q(status=DeliveryStatus.PENDING, created_at__lte=after)
+        | Q(status=DeliveryStatus.RETRYING, next_attempt_at__lte=after)
+        | Q(status=DeliveryStatus.RETRYING, next_attempt_at__isnull=True, claimed_at__lte=after)
+        | Q(status=DeliveryStatus.SENDING, claimed_at__lt=stale)
+    )
+    return lost & (Q(requeued_at__isnull=True) | Q(requeued_at__lte=after))
+
+
+def deliveries_sweep(*, now: datetime | None = None, limit: int | None = None) -> list[int]:
+    """Queue again (after commit) the oldest ``limit`` (ALERTS_SWEEP_BATCH) email and webhook
+    deliveries that are pending for ALERTS_SWEEP_AFTER_S, retrying and as long overdue, or
+    sending and stale; each at most once per ALERTS_SWEEP_AFTER_S. It only queues: a task
+    whose delivery is no longer claimable (sent, or claimed meanwhile) skips it, so a
+    re-queued delivery whose first message was not lost after all is still sent once.
+    Rows another sweep holds are skipped, not waited for. Returns the ids queued."""
+    now = now or timezone.now()
+    limit = limit or settings.ALERTS_SWEEP_BATCH
+    with transaction.atomic():
+        rows = (
+            Delivery.objects.select_for_update(skip_locked=True)
+            .filter(channel__in=QUEUED_CHANNELS, status__in=WAITING)
+            .filter(_lost(now))
+            .order_by("created_at", "pk")
+        )
+        found = list(rows.values_list("pk", "status")[:limit])
+        if not found:
+            return []
+        ids = [pk for pk, _ in found]
+        Delivery.objects.filter(pk__in=ids).update(requeued_at=now)
+        audit_record(
+            action="delivery.requeue",
+            actor="alerts",
+            target_type="alerts.Delivery",
+            target_id=",".join(map(str, ids))[:100],
+            payload={"deliveries": ids, "statuses": [status for _, status in found]},
+        )
+        transaction.on_commit(lambda: _queue_after_commit(ids), robust=True)
+    log.warning("re-queued %d deliveries whose task was lost: %s", len(ids), ids[:20])
+    return ids
 
 
 # --------------------------------------------------------------------------- operator actions

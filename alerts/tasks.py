@@ -1,8 +1,16 @@
 """Thin tasks: ids in, a service call, retries decided by the service's outcome."""
 
-from celery import shared_task
+import logging
+import threading
+from typing import Any
 
-from .services import candles_process, delivery_send
+from celery import shared_task
+from celery.signals import worker_ready
+from django.db import DatabaseError, connection
+
+from .services import candles_process, deliveries_sweep, delivery_send
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(name="alerts.process_candles", acks_late=True, time_limit=120, soft_time_limit=100)
@@ -18,3 +26,27 @@ def deliver(delivery_id: int) -> str:
     if outcome.retry_in is not None:
         deliver.apply_async((delivery_id,), countdown=outcome.retry_in)
     return outcome.status
+
+
+@shared_task(name="alerts.sweep_deliveries", time_limit=60, soft_time_limit=50)
+def sweep_deliveries() -> int:
+    """Beat, every ALERTS_SWEEP_INTERVAL_S: queue again the deliveries whose task was lost."""
+    return len(deliveries_sweep())
+
+
+def sweep_at_worker_start(sender: Any = None, **kwargs: Any) -> None:
+    """Celery worker_ready: one sweep at once (in a thread: a database that is down must not
+    hold the worker's start), for the deliveries a dead predecessor left behind."""
+    threading.Thread(target=_sweep_once, name="deliveries-sweep", daemon=True).start()
+
+
+def _sweep_once() -> None:
+    try:
+        deliveries_sweep()
+    except DatabaseError as exc:
+        log.error("worker start: deliveries not swept, database unavailable: %s", exc)
+    finally:
+        connection.close()
+
+
+worker_ready.connect(sweep_at_worker_start, weak=False)

@@ -9,11 +9,15 @@ at the next worker start (worker_ready) or by the watchdog once its lease expire
 from __future__ import annotations
 
 from celery import shared_task
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
+from .beatwatch import start_at_worker_ready, stop_at_worker_shutdown
 from .watchdogs import resume_at_worker_start
 
 worker_ready.connect(resume_at_worker_start, weak=False)
+# Beat schedules every check, so its own stop is watched from each worker (beatwatch.py).
+worker_ready.connect(start_at_worker_ready, weak=False)
+worker_shutdown.connect(stop_at_worker_shutdown, weak=False)
 
 
 @shared_task(

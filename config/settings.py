@@ -238,6 +238,27 @@ ALERTS_PRESENCE_TTL_S = env.float("ALERTS_PRESENCE_TTL_S", default=60.0)
 ALERTS_WS_RATE = env.float("ALERTS_WS_RATE", default=10.0)
 ALERTS_WS_BURST = env.float("ALERTS_WS_BURST", default=20.0)
 ALERTS_PROCESS_BATCH = env.int("ALERTS_PROCESS_BATCH", default=2000)
+# The sweeper (alerts.services.deliveries_sweep, beat and each worker start) queues again
+# the deliveries whose task was lost: pending or overdue for ALERTS_SWEEP_AFTER_S, or
+# sending and claimed longer than ALERTS_CLAIM_STALE_S ago. A stale claim is taken over,
+# so it must outlast a send: the alerts.deliver task's hard time limit (60 s).
+ALERTS_SWEEP_INTERVAL_S = env.float("ALERTS_SWEEP_INTERVAL_S", default=5.0)
+ALERTS_SWEEP_AFTER_S = env.float("ALERTS_SWEEP_AFTER_S", default=10.0)
+ALERTS_SWEEP_BATCH = env.int("ALERTS_SWEEP_BATCH", default=200)
+if ALERTS_SWEEP_INTERVAL_S <= 0 or ALERTS_SWEEP_AFTER_S <= 0 or ALERTS_SWEEP_BATCH <= 0:
+    raise ImproperlyConfigured(
+        "ALERTS_SWEEP_INTERVAL_S, ALERTS_SWEEP_AFTER_S and ALERTS_SWEEP_BATCH must be > 0"
+    )
+if ALERTS_CLAIM_STALE_S <= 60 and not DEBUG:
+    raise ImproperlyConfigured(
+        "ALERTS_CLAIM_STALE_S must exceed the alerts.deliver time limit (60 s) when DEBUG is "
+        "off: a claim taken over while its send still runs would send it twice"
+    )
+CELERY_BEAT_SCHEDULE["alerts-sweep-deliveries"] = {
+    "task": "alerts.sweep_deliveries",
+    "schedule": ALERTS_SWEEP_INTERVAL_S,
+    "options": {"expires": max(ALERTS_SWEEP_INTERVAL_S, 1.0)},
+}
 # Candle processing and deliveries have queues of their own, so alerts never wait behind
 # the strategy's tasks ("celery") or a backlog of emails and webhooks. A worker started
 # without -Q consumes every queue in turn; for latency, give each queue its own worker
