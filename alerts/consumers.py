@@ -7,6 +7,12 @@ Client messages: ``{"type": "subscribe", "symbols": [...], "detectors": [...],
 "duration_s": ..., "reason": ...}``, ``{"type": "unsilence", "id": SILENCE}``,
 ``{"type": "ping"}``. Bad, unauthorised or too frequent messages get an error frame and
 the connection stays open.
+
+Authentication happens at connect, and the user is checked again against the database
+before each message other than a ping (and every ALERTS_PRESENCE_TTL_S / 3 seconds): a user
+deleted or deactivated since, or whose token was deleted, gets an error frame and the
+connection is closed with 4401; one who lost ``audit.view_desk``, with 4403. A refused
+message is recorded in the audit trail (``permission.refused``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +28,11 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
+from django.db import DatabaseError, DataError
+
+from audit.permissions import REFUSED, VIEW_DESK, refusal_record
 
 from . import presence, selectors, services
 from .hub import Frame, hub
@@ -31,6 +42,8 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_UNAVAILABLE = 1011
 SNAPSHOT_SIZE = 50
+PASSIVE = frozenset({"ping"})  # reads and writes nothing: neither re-checked nor validated
+log = logging.getLogger(__name__)
 
 
 def _int_field(content: dict, name: str) -> int:
@@ -46,10 +59,66 @@ def _validation_text(err: ValidationError) -> str:
     return " ".join(err.messages)
 
 
+def _storable(text: str) -> bool:
+    """No NUL (PostgreSQL refuses it) and no lone surrogate (not encodable as UTF-8)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unstorable_field(content: dict) -> str | None:
+    """The first top-level field holding text the database cannot store, at any depth."""
+    for name, value in content.items():
+        stack = [name, value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str) and not _storable(item):
+                return name if _storable(name) else "?"
+            if isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+    return None
+
+
+def _token_key(scope: dict) -> str | None:
+    """The API token the connection authenticated with (alerts.auth), if any."""
+    headers = dict(scope.get("headers") or [])
+    auth = headers.get(b"authorization", b"").decode("latin1")
+    if auth.lower().startswith("token "):
+        return auth.split(None, 1)[1].strip()
+    return None
+
+
+def _standing(user_pk: Any, token: str | None) -> tuple[Any, int | None, str]:
+    """The user as the database has them now, and the close code and reason when they may
+    no longer use the desk (None when they may)."""
+    user = get_user_model().objects.filter(pk=user_pk).first()
+    if user is None:
+        return None, CLOSE_UNAUTHENTICATED, "the user no longer exists"
+    if not user.is_active:
+        return user, CLOSE_UNAUTHENTICATED, "the user is no longer active"
+    if token is not None:
+        from rest_framework.authtoken.models import Token
+
+        if not Token.objects.filter(key=token, user_id=user.pk).exists():
+            return user, CLOSE_UNAUTHENTICATED, "the token is no longer valid"
+    if not user.has_perm(VIEW_DESK):
+        return user, CLOSE_FORBIDDEN, f"needs the {VIEW_DESK} permission"
+    return user, None, ""
+
+
 class AlertConsumer(AsyncJsonWebsocketConsumer):
     user: Any = None
     filters: Filters = Filters()
     _refresher: asyncio.Task | None = None
+    _token: str | None = None
+    _revoked = False
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -67,6 +136,7 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAVAILABLE)
             return
         self.user = user
+        self._token = _token_key(self.scope)
         self.bucket = TokenBucket(
             settings.ALERTS_WS_RATE, settings.ALERTS_WS_BURST, time.monotonic()
         )
@@ -86,7 +156,43 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
         with contextlib.suppress(asyncio.CancelledError):
             while True:
                 await asyncio.sleep(settings.ALERTS_PRESENCE_TTL_S / 3)
+                try:
+                    _, code, _ = await database_sync_to_async(_standing)(self.user.pk, self._token)
+                except DatabaseError as err:
+                    log.warning("alert socket: user not re-checked: %s", err)
+                    code = None
+                if code is not None:
+                    await self._revoke(code)
+                    return
                 await presence.announce(self.channel_name, self.user.pk, self.filters)
+
+    async def _revoke(self, code: int) -> None:
+        """Stop relaying and close: the user may no longer use the desk."""
+        self._revoked = True
+        if self._refresher is not None and self._refresher is not asyncio.current_task():
+            self._refresher.cancel()
+        hub().leave(self)
+        await presence.withdraw(self.channel_name)
+        await self.close(code=code)
+
+    async def _recheck(self, op: str) -> bool:
+        """True with ``self.user`` fresh from the database; else the refusal is recorded,
+        an error frame sent and the connection closed."""
+        stale = self.user
+        user, code, reason = await database_sync_to_async(_standing)(stale.pk, self._token)
+        if code is None:
+            self.user = user
+            return True
+        await database_sync_to_async(refusal_record)(
+            action=REFUSED,
+            actor=user if user is not None else stale.get_username(),
+            op=f"websocket {op}",
+            reason=reason,
+            payload={"permission": VIEW_DESK},
+        )
+        await self._error(f"forbidden: {reason}", {"type": op})
+        await self._revoke(code)
+        return False
 
     async def _send_snapshot(self) -> None:
         alerts = await database_sync_to_async(selectors.snapshot)(self.filters, SNAPSHOT_SIZE)
@@ -101,23 +207,39 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
     # ----------------------------------------------------------------- inbound
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
-        if self.user is None:
+        if self.user is None or self._revoked:
             return
         if not self.bucket.take(time.monotonic()):
             await self._error("throttled")
             return
         try:
             content = json.loads(text_data if text_data is not None else bytes_data)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             await self._error("malformed JSON")
             return
         await self.receive_json(content)
 
     async def receive_json(self, content: Any, **kwargs) -> None:
-        handler = self._handlers().get(content.get("type")) if isinstance(content, dict) else None
+        if not isinstance(content, dict):
+            await self._error("a message must be a JSON object")
+            return
+        kind = content.get("type")
+        if not isinstance(kind, str):
+            await self._error('"type" must be a string naming the message type')
+            return
+        handler = self._handlers().get(kind)
         if handler is None:
             await self._error("unknown message type", content)
             return
+        if kind not in PASSIVE:
+            if not await self._recheck(kind):
+                return
+            if (field := _unstorable_field(content)) is not None:
+                await self._error(
+                    f"invalid: {field}: NUL characters and lone surrogates are not allowed",
+                    content,
+                )
+                return
         try:
             await handler(content)
         except services.AlertActionDenied as err:
@@ -128,6 +250,8 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
             await self._error(f"invalid: {_validation_text(err)}", content)
         except ValueError as err:
             await self._error(f"invalid: {err}", content)
+        except DataError:
+            await self._error("invalid: a value the database cannot store", content)
 
     def _handlers(self) -> dict[str, Callable[[dict], Awaitable[None]]]:
         return {
@@ -188,6 +312,8 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
     # ----------------------------------------------------------------- outbound
 
     async def alerts_received(self, frames: list[Frame]) -> None:
+        if self._revoked:
+            return
         for alert, frame in frames:
             if self.filters.matches(
                 symbol=alert["symbol"], detector=alert["detector"], severity=alert["severity"]

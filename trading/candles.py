@@ -10,6 +10,7 @@ from .timeframes import timeframe_ms
 KEY_FIELDS = ("exchange", "symbol", "timeframe", "open_time_ms")
 PRICE_FIELDS = ("open", "high", "low", "close")
 REQUIRED = (*KEY_FIELDS, *PRICE_FIELDS, "volume")
+BIGINT_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,33 @@ def _text(value: Any, limit: int = 40) -> str | None:
     return value.strip()
 
 
+def _storable(text: str) -> bool:
+    """No NUL (PostgreSQL refuses it) and no lone surrogate (not encodable as UTF-8)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _name_error(value: Any) -> str | None:
+    text = _text(value)
+    if text is None:
+        return "must be a non-empty string of <= 40 chars"
+    if not _storable(text):
+        return "must not contain NUL characters or lone surrogates"
+    return None
+
+
 def _key_errors(index: int, raw: dict, clean: dict, timeframes: Sequence[str]) -> list[FieldError]:
     errors: list[FieldError] = []
     for field in ("exchange", "symbol"):
-        value = _text(raw.get(field))
-        if value is None:
-            errors.append(FieldError(index, field, "must be a non-empty string of <= 40 chars"))
-        clean[field] = value
+        message = _name_error(raw.get(field))
+        if message is not None:
+            errors.append(FieldError(index, field, message))
+        clean[field] = _text(raw.get(field))
     timeframe = raw.get("timeframe")
     if timeframe not in timeframes:
         errors.append(
@@ -56,6 +77,16 @@ def _key_errors(index: int, raw: dict, clean: dict, timeframes: Sequence[str]) -
     open_time = raw.get("open_time_ms")
     if isinstance(open_time, bool) or not isinstance(open_time, int) or open_time < 0:
         errors.append(FieldError(index, "open_time_ms", "must be a non-negative integer (ms)"))
+    elif timeframe in timeframes and open_time + timeframe_ms(timeframe) - 1 > BIGINT_MAX:
+        errors.append(
+            FieldError(
+                index,
+                "open_time_ms",
+                f"too large: the candle must close by {BIGINT_MAX} ms (a 64-bit integer)",
+            )
+        )
+    elif open_time > BIGINT_MAX:
+        errors.append(FieldError(index, "open_time_ms", f"must be at most {BIGINT_MAX} (ms)"))
     clean["open_time_ms"] = open_time
     return errors
 

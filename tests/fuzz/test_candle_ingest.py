@@ -31,7 +31,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 # Keys the database can hold: open_time_ms below 2**62 (BigInteger; close_time_ms adds a
-# frame); text without NUL or lone surrogates. Outside these bounds: the xfail tests below.
+# frame); text without NUL or lone surrogates. Outside these bounds: the last tests below.
 names = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=40).filter(
     lambda s: s.strip() == s and s
 )
@@ -227,38 +227,46 @@ def test_the_same_batch_sent_concurrently_is_stored_once(api_token):
     assert Candle.objects.filter(exchange="fuzz").count() == len(batch)
 
 
-def _vendor() -> str:
-    from django.db import connection
-
-    return connection.vendor
-
-
 @pytest.mark.django_db
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason='BUG: a lone surrogate (valid JSON: "\\ud800") in exchange or symbol passes '
-    "trading/candles.py _text and fails when the database encodes it (UnicodeEncodeError): "
-    "500 instead of 400, on SQLite and PostgreSQL",
-)
 @pytest.mark.parametrize("field", ["exchange", "symbol"])
-def test_a_lone_surrogate_in_a_name_is_a_400(api, field):
-    status, body = _post(api, [_one(**{field: "ETH\ud800"})])
-    assert status == 400, (status, body)
-
-
-@pytest.mark.django_db
-@pytest.mark.xfail(
-    condition=_vendor() == "sqlite",
-    strict=True,
-    raises=AssertionError,
-    reason="BUG (SQLite): open_time_ms >= 2**63 passes trading/candles.py _key_errors (any "
-    "non-negative int) and the insert raises OverflowError: 500 instead of 400 (PostgreSQL's "
-    "DataError is turned into a 400 by config/api.py exception_handler)",
-)
-def test_an_open_time_beyond_64_bits_is_a_400(api):
+@pytest.mark.parametrize("text", ["ETH\ud800", "\udfffETH"])
+def test_a_lone_surrogate_in_a_name_is_a_400(api, field, text):
     from trading.models import Candle
 
-    status, body = _post(api, [_one(open_time_ms=2**63)])
+    status, body = _post(api, [_one(**{field: text})])
     assert status == 400, (status, body)
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [(0, field)], body
     assert not Candle.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("field", ["exchange", "symbol"])
+def test_a_nul_in_a_name_is_a_400_naming_it_on_every_database(api, field):
+    from trading.models import Candle
+
+    status, body = _post(api, [_one(**{field: "ET\x00H"})])
+    assert status == 400, (status, body)
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [(0, field)], body
+    assert not Candle.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("open_time", [2**63, 2**63 - 1, 2**63 - 299_999, 2**64, 2**100])
+def test_an_open_time_beyond_64_bits_is_a_400(api, open_time):
+    """5m candles: close_time_ms (open + 299999) must fit a 64-bit column as well."""
+    from trading.models import Candle
+
+    status, body = _post(api, [_one(open_time_ms=open_time)])
+    assert status == 400, (status, body)
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [(0, "open_time_ms")], body
+    assert not Candle.objects.exists()
+
+
+@pytest.mark.django_db
+def test_the_last_candle_a_64_bit_column_holds_is_stored(api):
+    from trading.models import Candle
+
+    last = 2**63 - 300_000  # 5m: closes at 2**63 - 1
+    status, body = _post(api, [_one(open_time_ms=last)])
+    assert status == 201, (status, body)
+    assert Candle.objects.get().close_time_ms == 2**63 - 1

@@ -89,20 +89,56 @@ def test_malformed_json_gets_an_error_frame(socket):
     assert socket.send(data=b"\xff\xfe") == [{"type": "error", "error": "malformed JSON"}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason='BUG: a "type" that is not hashable (a JSON array or object) kills the consumer: '
-    "alerts/consumers.py AlertConsumer.receive_json does self._handlers().get(content.get("
-    '"type")) -> TypeError: unhashable type; the socket is closed (uvicorn: 1011)',
-)
 @pytest.mark.parametrize("kind", [[], ["ping"], {}, {"a": 1}])
 def test_an_unhashable_type_gets_an_error_frame(socket, kind):
     replies = socket.send(text=json.dumps({"type": kind}))
     assert replies and replies[0]["type"] == "error"
 
 
+@pytest.mark.parametrize("kind", [[], ["ping"], {}, 1, 1.5, True, None])
+def test_a_type_that_is_not_a_string_is_named_in_the_error(socket, kind):
+    assert socket.send(text=json.dumps({"type": kind})) == [
+        {"type": "error", "error": '"type" must be a string naming the message type'}
+    ]
+
+
+@pytest.mark.parametrize("raw", ["[]", '["ping"]', '[{"type": "ping"}]', "1", '"ping"', "null"])
+def test_a_message_that_is_not_an_object_gets_an_error_frame(socket, raw):
+    assert socket.send(text=raw) == [{"type": "error", "error": "a message must be a JSON object"}]
+
+
 @pytest.mark.parametrize("op", ["ack", "comment", "unsilence"])
 def test_an_id_beyond_64_bits_gets_an_error_frame(socket, op):
     replies = socket.send(text=json.dumps({"type": op, "id": 2**64, "text": "x"}))
     assert [r["type"] for r in replies] == ["error"], replies
+
+
+def test_deeply_nested_json_is_malformed_not_fatal(socket):
+    for raw in ("[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000):
+        assert socket.send(text=raw) == [{"type": "error", "error": "malformed JSON"}]
+
+
+@pytest.mark.parametrize("text", ["a\\u0000b", "a\\ud800b", "\\udfff"])
+@pytest.mark.parametrize(
+    ("op", "field", "template"),
+    [
+        ("comment", "text", '{"type": "comment", "id": 1, "text": "%s"}'),
+        ("silence", "reason", '{"type": "silence", "symbol": "E", "duration_s": 60, "reason": "%s"}'),
+        ("silence", "symbol", '{"type": "silence", "symbol": "%s", "duration_s": 60, "reason": "r"}'),
+        ("subscribe", "symbols", '{"type": "subscribe", "symbols": ["%s"]}'),
+    ],
+)  # fmt: skip
+def test_text_the_database_cannot_store_gets_an_error_frame_naming_the_field(
+    socket, op, field, template, text
+):
+    from alerts.models import AlertComment, Silence
+
+    replies = socket.send(text=template % text)
+    assert replies == [
+        {
+            "type": "error",
+            "error": f"invalid: {field}: NUL characters and lone surrogates are not allowed",
+            "op": op,
+        }
+    ]
+    assert not Silence.objects.exists() and not AlertComment.objects.exists()

@@ -1,12 +1,15 @@
 """Who may open /ws/alerts/ (the real ASGI application, in process): a wrong, deleted or
 inactive user's token and an expired session are closed with 4401 like an anonymous
-client; a user without view_desk gets 4403. (Anonymous and wrong-origin connections to a
-real server: tests/e2e/test_alert_slice.py.)"""
+client; a user without view_desk gets 4403. The same holds for a connection already open:
+the user is checked again before each message (the refusal recorded in the audit trail).
+(Anonymous and wrong-origin connections to a real server: tests/e2e/test_alert_slice.py.)"""
 
 from __future__ import annotations
 
+import json
 import secrets
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -94,14 +97,6 @@ def test_a_forged_session_cookie_is_closed_4401(client, make_user, settings):
     assert _close_code(headers)[:2] == (True, 4401)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="GAP: authentication happens once, at connect: a user deactivated (and whose token "
-    "is deleted) while connected keeps the open socket and can still silence alerts over it "
-    "(alerts/consumers.py keeps the user object of the handshake; services.require_permission "
-    "checks has_perm on it, which ignores is_active changes made since)",
-)
 def test_a_user_deactivated_while_connected_can_no_longer_act(api_token, settings):
     from django.contrib.auth.models import User
     from rest_framework.authtoken.models import Token
@@ -120,3 +115,134 @@ def test_a_user_deactivated_while_connected_can_no_longer_act(api_token, setting
     finally:
         sock.close()
     assert all(r["type"] != "result" for r in replies), replies
+
+
+SILENCE = {"type": "silence", "symbol": "ETH/BTC", "duration_s": 60, "reason": "x"}
+
+
+def _until_closed(sock: Socket, message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The frames answered to ``message``, up to and including the close ({"close": code})."""
+
+    async def exchange() -> list[dict[str, Any]]:
+        await sock._send(json.dumps(message))
+        frames: list[dict[str, Any]] = []
+        while True:
+            out = await sock.comm.receive_output(timeout=10)
+            if out["type"] == "websocket.close":
+                return [*frames, {"close": out.get("code")}]
+            frames.append(json.loads(out["text"]))
+
+    return sock.run(exchange())
+
+
+def _refusals() -> list[tuple[str, bool, dict]]:
+    from audit.models import AuditEvent
+
+    rows = AuditEvent.objects.filter(action="permission.refused").order_by("seq")
+    return [(e.actor, e.actor_user_id is not None, e.payload) for e in rows]
+
+
+def _connected(api_token) -> tuple[Socket, str]:
+    key = api_token("ops", "Ops")
+    sock = Socket(token_headers(key))
+    assert sock.first is not None and sock.first["type"] == "snapshot"
+    return sock, key
+
+
+@pytest.mark.parametrize(
+    "message",
+    [SILENCE, {"type": "ack", "id": 1}, {"type": "subscribe"}, {"type": "unsilence", "id": 1}],
+)
+def test_a_deactivated_users_message_is_refused_recorded_and_closed_4401(api_token, message):
+    from django.contrib.auth.models import User
+
+    from alerts.models import Silence
+
+    sock, _ = _connected(api_token)
+    try:
+        User.objects.filter(username="ops").update(is_active=False)
+        frames = _until_closed(sock, message)
+    finally:
+        sock.close()
+    op = message["type"]
+    assert frames == [
+        {"type": "error", "error": "forbidden: the user is no longer active", "op": op},
+        {"close": 4401},
+    ]
+    assert not Silence.objects.exists()
+    assert _refusals() == [
+        (
+            "ops",
+            True,
+            {
+                "op": f"websocket {op}",
+                "reason": "the user is no longer active",
+                "permission": "audit.view_desk",
+            },
+        )
+    ]
+
+
+def test_a_deleted_users_message_is_refused_recorded_and_closed_4401(api_token):
+    from django.contrib.auth.models import User
+
+    sock, _ = _connected(api_token)
+    try:
+        User.objects.filter(username="ops").delete()
+        frames = _until_closed(sock, SILENCE)
+    finally:
+        sock.close()
+    assert frames[-1] == {"close": 4401}, frames
+    assert frames[0]["error"] == "forbidden: the user no longer exists"
+    assert [(actor, linked, p["op"]) for actor, linked, p in _refusals()] == [
+        ("ops", False, "websocket silence")
+    ]
+
+
+def test_a_deleted_token_closes_its_connection_4401(api_token):
+    from rest_framework.authtoken.models import Token
+
+    sock, key = _connected(api_token)
+    try:
+        Token.objects.filter(key=key).delete()
+        frames = _until_closed(sock, SILENCE)
+    finally:
+        sock.close()
+    assert frames[-1] == {"close": 4401}, frames
+    assert frames[0]["error"] == "forbidden: the token is no longer valid"
+
+
+def test_a_user_who_lost_view_desk_is_closed_4403(api_token):
+    from django.contrib.auth.models import User
+
+    sock, _ = _connected(api_token)
+    try:
+        User.objects.get(username="ops").groups.clear()
+        frames = _until_closed(sock, {"type": "subscribe"})
+    finally:
+        sock.close()
+    assert frames[-1] == {"close": 4403}, frames
+    assert [p["reason"] for _, _, p in _refusals()] == ["needs the audit.view_desk permission"]
+
+
+def test_permissions_are_those_of_the_moment_of_the_message(api_token):
+    """Ops -> Viewer while connected: the socket stays open (view_desk) but silencing is
+    refused by the service (alerts.refused), and a ping still answers."""
+    from django.contrib.auth.models import Group, User
+
+    from alerts.models import Silence
+    from audit.models import AuditEvent
+
+    sock, _ = _connected(api_token)
+    try:
+        assert [r["type"] for r in sock.send(text=json.dumps(SILENCE))] == ["result"]
+        user = User.objects.get(username="ops")
+        user.groups.set([Group.objects.get(name="Viewer")])
+        replies = sock.send(text=json.dumps(SILENCE))
+    finally:
+        sock.close()
+    assert [(r["type"], r["error"].startswith("forbidden: silence needs")) for r in replies] == [
+        ("error", True)
+    ], replies
+    assert Silence.objects.count() == 1
+    assert AuditEvent.objects.filter(action="alerts.refused", actor="ops").count() == 1
