@@ -213,9 +213,14 @@ def test_the_same_batch_sent_concurrently_is_stored_once(api_token):
     gate = threading.Barrier(4)
 
     def send() -> None:
-        client = _client(token)
-        gate.wait(5)
-        answers.append(_post(client, batch))
+        from django.db import connection
+
+        try:
+            client = _client(token)
+            gate.wait(5)
+            answers.append(_post(client, batch))
+        finally:
+            connection.close()  # this thread's own connection: not left open past the test
 
     threads = [threading.Thread(target=send) for _ in range(4)]
     for thread in threads:
