@@ -180,54 +180,62 @@ def deployment_equity(deployment_id: int) -> Equity:
     return Equity(cash, value, realised, unrealised)
 
 
-# One fixed statement for what a snapshot needs, run on every fill: raw SQL spares the ORM
-# compilation of its annotations on the order path.
-_EQUITY_INPUTS_SQL = """
-SELECT d.cash, d.starting_cash,
-       COALESCE((SELECT SUM(p.qty * COALESCE(p.last_price, p.avg_entry)) FROM {position} p
-                 WHERE p.deployment_id = d.id), 0.0),
-       (SELECT s.peak FROM {snapshot} s WHERE s.deployment_id = d.id
-        ORDER BY s.ts DESC, s.id DESC LIMIT 1)
-FROM {deployment} d WHERE d.id = %s
+# What a snapshot needs, computed and inserted by the database in one fixed statement:
+# one round trip per fill on the order path, no ORM compilation.
+_SNAPSHOT_INSERT_SQL = """
+INSERT INTO {snapshot} (deployment_id, ts, cash, positions_value, equity, peak, drawdown_pct)
+SELECT y.id, %s, y.cash, y.value, y.equity, y.top,
+       CASE WHEN y.top > 0 THEN {least}(0.0, (y.equity / y.top - 1.0) * 100.0) ELSE 0.0 END
+FROM (
+    SELECT x.id, x.cash, x.value, x.cash + x.value AS equity,
+           {greatest}(COALESCE(%s, x.last_peak, x.starting_cash), x.cash + x.value) AS top
+    FROM (
+        SELECT d.id, d.cash, d.starting_cash,
+               COALESCE((SELECT SUM(p.qty * COALESCE(p.last_price, p.avg_entry))
+                         FROM {position} p WHERE p.deployment_id = d.id), 0.0) AS value,
+               (SELECT s.peak FROM {snapshot} s WHERE s.deployment_id = d.id
+                ORDER BY s.ts DESC, s.id DESC LIMIT 1) AS last_peak
+        FROM {deployment} d WHERE d.id = %s
+    ) x
+) y
+RETURNING id, cash, positions_value, equity, peak, drawdown_pct
 """
-
-
-def _equity_inputs(deployment_id: int) -> tuple[float, float, float, float | None]:
-    """(cash, starting cash, positions marked at their last price (entry price when never
-    marked), previous snapshot's peak) in one query."""
-    sql = _EQUITY_INPUTS_SQL.format(
-        position=Position._meta.db_table,
-        snapshot=EquitySnapshot._meta.db_table,
-        deployment=Deployment._meta.db_table,
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [deployment_id])
-        row = cursor.fetchone()
-    if row is None:
-        raise Deployment.DoesNotExist(f"deployment {deployment_id} does not exist")
-    cash, starting, value, last_peak = row
-    return cash, starting, float(value), last_peak
 
 
 def equity_snapshot_write(
     *, deployment: Deployment, ts: datetime, peak: float | None = None
 ) -> EquitySnapshot:
-    """Append a snapshot: equity, running peak (``peak`` when the caller tracks it, else
-    the previous snapshot's, else the starting cash) and drawdown from it in % (<= 0)."""
-    cash, starting, value, last_peak = _equity_inputs(deployment.pk)
-    equity = cash + value
-    base_peak = peak if peak is not None else last_peak
-    top = max(base_peak if base_peak is not None else starting, equity)
-    drawdown = (equity / top - 1.0) * 100.0 if top > 0 else 0.0
-    return EquitySnapshot.objects.create(
+    """Append a snapshot: equity (cash + positions marked at their last price, entry price
+    when never marked), running peak (``peak`` when the caller tracks it, else the previous
+    snapshot's, else the starting cash) and drawdown from it in % (<= 0)."""
+    postgres = connection.vendor == "postgresql"
+    sql = _SNAPSHOT_INSERT_SQL.format(
+        position=Position._meta.db_table,
+        snapshot=EquitySnapshot._meta.db_table,
+        deployment=Deployment._meta.db_table,
+        greatest="GREATEST" if postgres else "MAX",
+        least="LEAST" if postgres else "MIN",
+    )
+    ts_param = ts if postgres else connection.ops.adapt_datetimefield_value(ts)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [ts_param, peak, deployment.pk])
+        row = cursor.fetchone()
+    if row is None:
+        raise Deployment.DoesNotExist(f"deployment {deployment.pk} does not exist")
+    snapshot_id, cash, value, equity, top, drawdown = row
+    snapshot = EquitySnapshot(
+        id=snapshot_id,
         deployment_id=deployment.pk,
         ts=ts,
         cash=cash,
         positions_value=value,
         equity=equity,
         peak=top,
-        drawdown_pct=min(0.0, drawdown),
+        drawdown_pct=drawdown,
     )
+    snapshot._state.adding = False
+    snapshot._state.db = connection.alias
+    return snapshot
 
 
 def last_snapshot_ts(deployment_id: int) -> datetime | None:
