@@ -7,6 +7,8 @@ places nothing. Nothing is cached, so a change reaches every worker's next order
 
 from __future__ import annotations
 
+import time
+
 import redis
 from django.db import transaction
 
@@ -78,3 +80,43 @@ def resync_mirror(deployment: Deployment) -> KillSwitch | None:
     if deployment.kill_switch != state:
         Deployment.objects.filter(pk=deployment.pk).update(kill_switch=state)
     return state
+
+
+def reseed_missing() -> list[int]:
+    """Redis came back without its data (restarted without persistence): every deployment
+    whose key is missing gets back the state its database mirror holds, the last one set
+    through ``set_state`` (SET NX: a switch made meanwhile is never overwritten), with an
+    audit record and a warning alert. Until then the key reads "unreadable" and the router
+    places nothing. Returns the deployment ids re-seeded; [] when Redis is unreachable."""
+    from . import safety_adapters
+
+    rows = list(Deployment.objects.order_by("pk").values_list("pk", "kill_switch"))
+    if not rows:
+        return []
+    client = redis_client()
+    try:
+        current = client.mget([key(pk) for pk, _ in rows])
+        missing = [
+            (pk, state) for (pk, state), raw in zip(rows, current, strict=True) if raw is None
+        ]
+        reseeded = [(pk, state) for pk, state in missing if client.set(key(pk), state, nx=True)]
+    except redis.RedisError:
+        return []
+    for pk, state in reseeded:
+        reason = "Redis held no kill switch for the deployment (restarted without its data?)"
+        with transaction.atomic():
+            audit_record(
+                action="killswitch.reseeded",
+                actor="watchdog",
+                target_type=Deployment._meta.label,
+                target_id=pk,
+                payload={"to": state, "from": "missing", "reason": reason},
+            )
+            safety_adapters.raise_alert(
+                key=f"killswitch-reseeded:{pk}:{state}:{int(time.time())}",
+                severity="warning",
+                message=f"Kill switch of deployment {pk} was missing in Redis: restored to "
+                f"{state} from the database",
+                payload={"deployment_id": pk, "state": state},
+            )
+    return [pk for pk, _ in reseeded]

@@ -72,6 +72,7 @@ def watchdogs_tick(now: datetime | None = None) -> dict[str, Any]:
     _database_back()
     return {
         "database": "ok",
+        "reseeded": killswitch.reseed_missing(),
         "replayed": journal_replay_pending(),
         "snapshots": snapshot_deployments(),
         "silent": stream_watch(now),

@@ -91,3 +91,36 @@ def test_fail_closed_when_redis_is_down(make_deployment, redis_url, settings):
     finally:
         settings.REDIS_URL = working
         redis_client.cache_clear()
+
+
+@pytest.mark.django_db
+def test_a_key_lost_with_redis_is_reseeded_from_the_mirror_once(make_deployment, redis_url):
+    from alerts.models import Alert
+    from audit.models import AuditEvent
+    from canary.watchdogs import watchdogs_tick
+
+    halted, active = make_deployment(), make_deployment()
+    killswitch.set_state(deployment=halted, state=KillSwitch.HALTED, actor="t", reason="h")
+    killswitch.set_state(deployment=active, state=KillSwitch.ACTIVE, actor="t", reason="go")
+    client = redis_client()
+    client.delete(killswitch.key(halted.pk), killswitch.key(active.pk))  # Redis lost its data
+    with pytest.raises(killswitch.KillSwitchUnreadable):
+        killswitch.read_state(active.pk)
+
+    assert sorted(killswitch.reseed_missing()) == sorted([halted.pk, active.pk])
+    assert killswitch.read_state(halted.pk) == KillSwitch.HALTED
+    assert killswitch.read_state(active.pk) == KillSwitch.ACTIVE
+    reseeded = AuditEvent.objects.filter(action="killswitch.reseeded")
+    assert {(e.target_id, e.payload["to"]) for e in reseeded} == {
+        (str(halted.pk), "HALTED"),
+        (str(active.pk), "ACTIVE"),
+    }
+    assert Alert.objects.filter(dedupe_key__startswith="canary:killswitch-reseeded:").count() == 2
+
+    killswitch.write_redis(active.pk, KillSwitch.REDUCING)  # set in Redis first, as set_state
+    assert killswitch.reseed_missing() == []
+    assert killswitch.read_state(active.pk) == KillSwitch.REDUCING
+
+    client.delete(killswitch.key(halted.pk))  # the watchdog's tick does it
+    assert watchdogs_tick()["reseeded"] == [halted.pk]
+    assert killswitch.read_state(halted.pk) == KillSwitch.HALTED
