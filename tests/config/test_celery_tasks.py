@@ -24,6 +24,13 @@ def test_time_limits_are_consistent():
             assert soft <= hard, f"{name}: soft limit {soft} > hard limit {hard}"
 
 
+def test_the_worker_retries_the_broker_for_ever():
+    """Celery's default gives up after 100 reconnection attempts and the worker exits,
+    taking the watchdogs and the rollback with it during a long Redis outage."""
+    assert app.conf.broker_connection_max_retries is None
+    assert app.conf.broker_connection_retry_on_startup is True
+
+
 def test_heartbeat_task_runs_and_marks_the_worker(redis_url):
     from canary.heartbeat import KEY_WORKER, last_seen, redis_client
 
