@@ -19,6 +19,7 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -352,11 +353,27 @@ def integrity_check(alias: str = "default") -> IntegrityReport:
         tables = set(conn.introspection.table_names())
         _tables_check(conn, tables, report)
         _migrations_check(conn, tables, report)
-        _audit_check(alias, tables, report)
+        with _snapshot(alias):
+            _audit_check(alias, tables, report)
     except Exception as exc:  # noqa: BLE001 - any failure to read is an integrity problem
         report.problems.append(f"{type(exc).__name__}: {str(exc)[:300]}")
     report.ok = not report.problems
     return report
+
+
+@contextlib.contextmanager
+def _snapshot(alias: str) -> Iterator[None]:
+    """One read snapshot for the audit check: the events and the head are compared as of
+    one moment, not with a write of another session committed between the two reads."""
+    conn = connections[alias]
+    if conn.in_atomic_block:  # the caller's transaction decides
+        yield
+        return
+    with transaction.atomic(using=alias):
+        if conn.vendor == "postgresql":
+            with conn.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        yield
 
 
 def _engine_check(conn: Any, report: IntegrityReport) -> None:
@@ -532,26 +549,36 @@ def _restore_sqlite(path: Path, alias: str) -> None:
         source.close()
 
 
+RESTORE_ATTEMPTS = 3
+_LOCK_CONFLICTS = ("deadlock detected", "lock timeout")
+
+
 def _restore_postgresql(path: Path, alias: str) -> None:
+    """pg_restore in one transaction. Other sessions (web, workers) may go on writing
+    meanwhile; a deadlock with one of them rolls the restore back whole (nothing changed),
+    so it is tried again."""
     conf = _db_settings(alias)
     connections[alias].close()
-    proc = _run(
-        [
-            "pg_restore",
-            "--clean",
-            "--if-exists",
-            "--no-owner",
-            "--single-transaction",
-            "--exit-on-error",
-            "-d",
-            str(conf["NAME"]),
-            *_pg_args(conf),
-            str(path),
-        ],
-        env=_pg_env(conf),
-    )
-    if proc.returncode != 0:
-        raise BackupError(f"pg_restore failed, nothing changed: {_stderr(proc)}")
+    argv = [
+        "pg_restore",
+        "--clean",
+        "--if-exists",
+        "--no-owner",
+        "--single-transaction",
+        "--exit-on-error",
+        "-d",
+        str(conf["NAME"]),
+        *_pg_args(conf),
+        str(path),
+    ]
+    for attempt in range(1, RESTORE_ATTEMPTS + 1):
+        proc = _run(argv, env=_pg_env(conf))
+        if proc.returncode == 0:
+            return
+        error = _stderr(proc)
+        if attempt == RESTORE_ATTEMPTS or not any(c in error for c in _LOCK_CONFLICTS):
+            raise BackupError(f"pg_restore failed, nothing changed: {error}")
+        time.sleep(0.5 * attempt)
 
 
 def backup_restore_file(

@@ -11,8 +11,9 @@ reported. Stage 2 captures the recent error log records and the triggering evalu
 snapshots the database, computes the P&L impact and stores the report. The deployment
 stays HALTED until a person resumes it; nothing here ever loosens the kill switch.
 
-A run holds the deployment's lease (canary.stage1.Lease): a second run of the same
-deployment waits for it or returns, a run whose worker died is resumed at worker start
+A run holds the deployment's lease (canary.stage1.Lease: Redis, and online the database
+lock that excludes runs of processes on other Redis namespaces too): a second run of the
+same deployment waits for it or returns, a run whose worker died is resumed at worker start
 (canary.watchdogs.resume_at_worker_start) or by the watchdog once its lease has expired.
 """
 
@@ -216,10 +217,13 @@ def rollback_run(rollback_id: int) -> Rollback | None:
     rollback = Rollback.objects.select_related("deployment").filter(pk=rollback_id).first()
     if rollback is None or rollback.state not in OPEN_STATES:
         return rollback
-    lease = Lease(rollback.deployment_id)
-    if not lease.acquire(wait_s=lease.ttl + 1):
+    lease = Lease(rollback.deployment_id, database=True)
+    if not lease.acquire(wait_s=lease.ttl + 1, db_wait_s=settings.SAFETY_STAGE1_TARGET_S):
         return rollback
     try:
+        rollback.refresh_from_db()
+        if rollback.state not in OPEN_STATES:  # the run that held the lease finished it
+            return rollback
         rollback = _count_run(rollback)
         if rollback.state == RollbackState.RUNNING:
             _run_stage1(rollback)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -46,6 +47,7 @@ from trading.exchange import (
     OrderRequest,
     OrderResult,
     OrderStatusUnknown,
+    RateLimited,
     TemporaryExchangeError,
     client_order_id,
 )
@@ -182,30 +184,169 @@ def active_clear(deployment_id: int, key: str) -> None:
 # --------------------------------------------------------------------------- lease
 
 
+DB_LOCK_CLASS = 0x5AFE  # PostgreSQL advisory lock class of the rollback runs
+
+
+class DatabaseLock:
+    """A deployment's rollback runs exclude each other through the database too, among
+    every process that uses it: whatever their Redis namespace (SAFETY_REDIS_PREFIX), and
+    after a run's Redis lease lapsed. A PostgreSQL session advisory lock on a connection
+    of its own, or an flock on a file beside an SQLite database; either ends with the
+    process that holds it, so a killed worker never blocks the next run."""
+
+    def __init__(self, deployment_id: int):
+        self.deployment_id = deployment_id
+        self._conn: Any = None
+        self._file: Any = None
+
+    @staticmethod
+    def _objid(deployment_id: int) -> int:
+        return deployment_id & 0x7FFFFFFF
+
+    @staticmethod
+    def _lock_path(deployment_id: int) -> str | None:
+        name = str(connection.settings_dict["NAME"])
+        if connection.vendor != "sqlite" or not name or name.startswith(":memory:"):
+            return None
+        if "mode=memory" in name:
+            return None
+        directory = Path(f"{name.removeprefix('file:').split('?')[0]}.locks")
+        directory.mkdir(exist_ok=True)
+        return str(directory / f"rollback-{deployment_id}.lock")
+
+    def _connect(self) -> Any:
+        conf = connection.settings_dict
+        return connection.Database.connect(
+            host=conf.get("HOST") or "127.0.0.1",
+            port=conf.get("PORT") or 5432,
+            user=conf.get("USER") or None,
+            password=conf.get("PASSWORD") or None,
+            dbname=conf["NAME"],
+            autocommit=True,
+            connect_timeout=5,
+        )
+
+    def try_acquire(self) -> bool:
+        """True when taken (or when the database cannot say: the run goes on as before,
+        under the Redis lease), False when another run holds it."""
+        try:
+            if connection.vendor == "postgresql":
+                return self._try_postgresql()
+            if connection.vendor == "sqlite":
+                return self._try_sqlite()
+        except Exception as exc:  # noqa: BLE001 - database down: the Redis lease decides
+            log.error("rollback database lock unavailable: %s", exc)
+            self.release()
+        return True
+
+    def _try_postgresql(self) -> bool:
+        if self._conn is None:
+            self._conn = self._connect()
+        row = self._conn.execute(
+            "SELECT pg_try_advisory_lock(%s, %s)",
+            (DB_LOCK_CLASS, self._objid(self.deployment_id)),
+        ).fetchone()
+        return bool(row and row[0])
+
+    def _try_sqlite(self) -> bool:
+        import fcntl
+
+        path = self._lock_path(self.deployment_id)
+        if path is None:
+            return True
+        if self._file is None:
+            self._file = open(path, "a+b")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def acquire(self, wait_s: float) -> bool:
+        deadline = time.monotonic() + wait_s
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                self.release()
+                return False
+            time.sleep(0.1)
+        return True
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()  # ends the session: the advisory lock goes with it
+        handle, self._file = self._file, None
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                handle.close()  # drops the flock
+
+    @classmethod
+    def held(cls, deployment_id: int) -> bool:
+        """Whether a run of another connection or process holds it (False if unknown)."""
+        probe = cls(deployment_id)
+        try:
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d"
+                        " ON d.oid = l.database WHERE l.locktype = 'advisory'"
+                        " AND l.granted AND d.datname = current_database()"
+                        " AND l.classid = %s AND l.objid = %s AND l.objsubid = 2)",
+                        [DB_LOCK_CLASS, cls._objid(deployment_id)],
+                    )
+                    return bool(cursor.fetchone()[0])
+            if connection.vendor == "sqlite" and cls._lock_path(deployment_id) is not None:
+                return not probe._try_sqlite()
+        except Exception:  # noqa: BLE001 - cannot tell: not held
+            return False
+        finally:
+            probe.release()
+        return False
+
+
 class Lease:
     """A per-deployment Redis lock, renewed by a thread while the run lives; it expires
     SAFETY_ROLLBACK_LEASE_S after its worker dies. With Redis unreachable the run goes on
-    unleased (closing ids and fresh holdings still keep every close single)."""
+    unleased (closing ids and fresh holdings still keep every close single).
 
-    def __init__(self, deployment_id: int):
+    `database=True` (the online runs) also takes the deployment's DatabaseLock, waiting up
+    to `db_wait_s` for a run that holds it to end: two runs never interleave their writes
+    even when the Redis lease cannot tell them apart."""
+
+    def __init__(self, deployment_id: int, *, database: bool = False):
         self.name = rkey("lease", deployment_id)
         self.ttl = float(settings.SAFETY_ROLLBACK_LEASE_S)
         self._lock: Any = None
         self._stop = threading.Event()
         self.degraded = False
+        self.db_lock = DatabaseLock(deployment_id) if database else None
 
     @staticmethod
     def held(deployment_id: int) -> bool:
         with contextlib.suppress(redis.RedisError):
-            return bool(redis_client().exists(rkey("lease", deployment_id)))
-        return False
+            if redis_client().exists(rkey("lease", deployment_id)):
+                return True
+        return DatabaseLock.held(deployment_id)
 
-    def acquire(self, wait_s: float) -> bool:
+    def acquire(self, wait_s: float, db_wait_s: float | None = None) -> bool:
+        if not self._acquire_redis(wait_s):
+            return False
+        if self.db_lock is not None and not self.db_lock.acquire(
+            wait_s if db_wait_s is None else db_wait_s
+        ):
+            log.warning("%s: another run holds the database lock", self.name)
+            self.release()
+            return False
+        return True
+
+    def _acquire_redis(self, wait_s: float) -> bool:
         try:
             self._lock = redis_client().lock(
                 self.name, timeout=self.ttl, sleep=0.1, blocking_timeout=wait_s, thread_local=False
             )
             if not self._lock.acquire():
+                self._lock = None
                 return False
         except redis.RedisError as exc:
             log.error("rollback lease unavailable, running unleased: %s", exc)
@@ -215,17 +356,25 @@ class Lease:
         return True
 
     def _renew(self) -> None:
+        """Renew; a lease that lapsed (a stalled process, Redis away for a while) is taken
+        again when free, so the watchdog does not think this run dead."""
         while not self._stop.wait(self.ttl / 3):
             try:
                 self._lock.reacquire()
-            except Exception:  # noqa: BLE001 - the lease is lost: nothing to renew
-                return
+            except redis.exceptions.LockError:
+                with contextlib.suppress(redis.RedisError):
+                    if self._lock.acquire(blocking=False):
+                        log.error("%s lapsed and was taken again", self.name)
+            except redis.RedisError:
+                continue
 
     def release(self) -> None:
         self._stop.set()
         if self._lock is not None and not self.degraded:
             with contextlib.suppress(Exception):
                 self._lock.release()
+        if self.db_lock is not None:
+            self.db_lock.release()
 
 
 # --------------------------------------------------------------------------- orders
@@ -642,6 +791,8 @@ class FlattenConfig:
     pause_s: float
     grace_s: float
     close_delay_s: float
+    # The longest a Retry-After holds the closing orders back (the stage-1 target).
+    max_retry_after_s: float = 30.0
 
     @classmethod
     def from_settings(cls) -> FlattenConfig:
@@ -653,7 +804,36 @@ class FlattenConfig:
             pause_s=float(settings.SAFETY_FLAT_CHECK_PAUSE_S),
             grace_s=float(settings.SAFETY_ORDER_GRACE_S),
             close_delay_s=delay,
+            max_retry_after_s=float(settings.SAFETY_STAGE1_TARGET_S),
         )
+
+
+RATE_LIMIT_PAUSE_S = 1.0  # after a rate limit that names no Retry-After
+
+
+class OrderGate:
+    """Holds the closing orders to one exchange back while it asks to (HTTP 429/418 with
+    Retry-After): every order, in every thread, waits until the latest hold is over."""
+
+    def __init__(self, max_hold_s: float):
+        self.max_hold_s = max(max_hold_s, 0.0)
+        self._until = 0.0
+        self._lock = threading.Lock()
+
+    def hold(self, retry_after_s: float | None) -> float:
+        seconds = RATE_LIMIT_PAUSE_S if retry_after_s is None else retry_after_s
+        seconds = min(max(seconds, 0.0), self.max_hold_s)
+        with self._lock:
+            self._until = max(self._until, time.monotonic() + seconds)
+        return seconds
+
+    def wait(self) -> None:
+        while True:
+            with self._lock:
+                left = self._until - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(left)
 
 
 class DelayedAdapter:
@@ -705,6 +885,7 @@ class Stage1:
         self.outcomes: dict[str, str] = {}
         self.intents: dict[str, Intent] = {}
         self.holdings_before: dict[str, float] | None = None
+        self.gate = OrderGate(self.cfg.max_retry_after_s)
 
     def run(self) -> tuple[bool, dict[str, Any]]:
         started = time.monotonic()
@@ -901,8 +1082,16 @@ class Stage1:
             client_order_id=intent.client_order_id,
             reduce_only=True,
         )
+        self.gate.wait()
         try:
             intent.apply(self.adapter.create_order(request))
+        except RateLimited as exc:
+            held = self.gate.hold(exc.retry_after_s)
+            log.warning("%s: rate limited, next order in %.1f s: %s", intent.symbol, held, exc)
+            if exc.placed is False:
+                intent.apply(None, f"not placed (rate limited): {exc}", OrderStatus.ERROR)
+            else:
+                intent.status, intent.error = OrderStatus.UNKNOWN, str(exc)[:300]
         except DuplicateOrder:
             intent.apply(
                 self.adapter.fetch_order_by_client_id(intent.symbol, request.client_order_id)

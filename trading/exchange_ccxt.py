@@ -7,12 +7,14 @@ reply was lost is looked up by its client order id instead (see `create_order`).
 
 from __future__ import annotations
 
+import email.utils
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -70,13 +72,39 @@ def _binance_code(exc: BaseException) -> int | None:
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds from a Retry-After header: delay-seconds or an HTTP date (RFC 9110)."""
     if not headers:
         return None
     value = headers.get("Retry-After") or headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(str(value))
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+
+
+def response_headers(exc: BaseException) -> Mapping[str, str] | None:
+    """The headers of the HTTP reply that caused `exc`: ccxt raises its errors while
+    handling the HTTP library's error, which carries the response. Unlike the client's
+    `last_response_headers`, they belong to this request even when threads share it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        response = getattr(current, "response", None)
+        headers = getattr(response, "headers", None)
+        if headers is not None:
+            return headers
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def translate_error(exc: ccxt.BaseError, headers: Mapping[str, str] | None = None) -> ExchangeError:
@@ -130,6 +158,11 @@ class _Pacer:
             self._next = slot + self.interval
         if slot > now:
             self._sleep(slot - now)
+
+    def defer(self, seconds: float) -> None:
+        """No call before `seconds` from now (the exchange's Retry-After)."""
+        with self._lock:
+            self._next = max(self._next, self._clock() + max(seconds, 0.0))
 
 
 def _order_fee(raw: Mapping[str, Any]) -> tuple[float, str | None]:
@@ -239,7 +272,9 @@ class CcxtExchange(ExchangeAdapter):
     # ------------------------------------------------------------------ plumbing
 
     def _translate(self, exc: ccxt.BaseError) -> ExchangeError:
-        headers = getattr(self.client, "last_response_headers", None)
+        headers = response_headers(exc)
+        if headers is None:
+            headers = getattr(self.client, "last_response_headers", None)
         return translate_error(exc, headers)
 
     def _delay(self, error: ExchangeError, attempt: int) -> float | None:
@@ -452,6 +487,8 @@ class CcxtExchange(ExchangeAdapter):
             error = self._translate(exc)
             if isinstance(error, RateLimited):  # Binance refuses before processing
                 error.placed = False
+                if error.retry_after_s is not None:  # the next order waits it out
+                    self._pacer.defer(min(error.retry_after_s, self.max_retry_wait_s))
             if not isinstance(error, TemporaryExchangeError) or error.placed is False:
                 raise error from exc
             return self._resolve(request, error, sent_at)

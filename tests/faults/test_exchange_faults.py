@@ -104,15 +104,6 @@ def test_close_all_ends_flat_without_a_duplicate_order(faulty, stub):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="GAP: stage 1 ignores Retry-After on a rate-limited order: the 429 becomes an "
-    "ERROR intent (canary/stage1.py Stage1._send_one, placed=False) and the symbol's next "
-    "attempt goes out on the next round, after SAFETY_ORDER_GRACE_S, not after the "
-    "Retry-After the exchange asked for; the adapter's order pacer does not slow down either "
-    "(Binance answers 418 and bans the IP when 429s are ignored)",
-)
 def test_close_all_waits_out_a_retry_after(faulty, stub):
     from canary.rollback import rollback_request
 

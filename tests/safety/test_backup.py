@@ -98,11 +98,6 @@ def test_retention_keeps_the_newest(make_deployment):
     assert Backup.objects.count() == 2
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky in full-suite CI runs on PostgreSQL (restore_db exits 1; passes alone): "
-    "open in issue 6",
-)
 def test_restore_command_restores_or_refuses_with_the_reason(make_deployment, capsys):
     kept = make_deployment()
     backup = backup_create(actor="test")

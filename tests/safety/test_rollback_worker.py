@@ -18,7 +18,7 @@ from stack import PYTHON, Stack
 
 from canary import killswitch
 from canary.models import Rollback, RollbackState, RollbackStep
-from canary.rollback import rollback_request
+from canary.rollback import STAGE2, rollback_request
 from canary.stage1 import STEPS
 from config.celery import app
 from tests.trading.binance_stub import API_KEY, API_SECRET, BinanceStub, StubMarket
@@ -111,11 +111,6 @@ def stub():
         yield server
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky in full-suite CI runs on PostgreSQL (passes alone): a step row of the "
-    "resumed rollback ends failed; open in issue 6",
-)
 def test_worker_killed_mid_stage1_resumes_and_finishes_flat(
     stub, make_deployment, settings, redis_url, monkeypatch, tmp_path
 ):
@@ -161,12 +156,8 @@ def test_worker_killed_mid_stage1_resumes_and_finishes_flat(
     assert rollback.report["runs"] >= 2
     assert killswitch.read_state(deployment.pk) == KillSwitch.HALTED
     outcomes = dict(RollbackStep.objects.filter(rollback=rollback).values_list("name", "outcome"))
-    # close_positions keeps the outcome of the resumed attempt that met the killed worker's
-    # order still in flight; verify_flat (asserted ok) is what proves the account flat.
-    # Known gap, in the issue notes: that row should end "ok" once a later pass settles it.
-    # "alert" may fail and be recorded (stage 1 completes without it, by design).
-    unsettled = {"close_positions", "alert"}
-    assert all(outcomes[s] == "ok" for s in STEPS if s not in unsettled), sorted(outcomes.items())
+    assert all(outcomes[s] == "ok" for s in STEPS), sorted(outcomes.items())
+    assert all(outcomes[s] == "ok" for s in STAGE2), sorted(outcomes.items())
     filled = Order.objects.filter(deployment=deployment, purpose="flatten", status="FILLED")
     assert sorted(filled.values_list("symbol", flat=True)) == sorted(SYMBOLS)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 
 import ccxt
@@ -264,6 +266,37 @@ def test_rate_limited_create_is_not_looked_up(ex, stub):
         ex.create_order(market_buy(1.0, "busy"))
     assert err.value.placed is False and err.value.retry_after_s == 1.0
     assert stub.count("GET", ORDER) == 0
+
+
+def test_rate_limited_create_holds_the_next_order_back(ex, stub, sleeps):
+    stub.fail("POST", ORDER, status=429, retry_after=3)
+    with pytest.raises(RateLimited) as err:
+        ex.create_order(market_buy(1.0, "refused"))
+    assert err.value.retry_after_s == 3.0
+    assert ex.create_order(market_buy(1.0, "after")).status == "closed"
+    assert sleeps and 2.0 < sleeps[-1] <= 3.0
+    assert stub.count("POST", ORDER) == 2
+
+
+def test_retry_after_is_read_from_the_reply_of_the_failing_request(ex, stub):
+    stub.fail("GET", "/api/v3/account", status=429, retry_after=7)
+    try:
+        ex.client.fetch_balance()
+    except ccxt.BaseError as exc:
+        ex.client.last_response_headers = {"Retry-After": "99"}  # another thread's reply
+        assert ex._translate(exc).retry_after_s == 7.0
+    else:
+        raise AssertionError("the stub did not rate limit")
+
+
+def test_retry_after_as_an_http_date():
+    when = datetime.now(UTC) + timedelta(seconds=20)
+    error = translate_error(ccxt.DDoSProtection("x"), {"Retry-After": format_datetime(when)})
+    assert 15.0 < error.retry_after_s <= 20.0
+    stale = translate_error(
+        ccxt.DDoSProtection("x"), {"Retry-After": "Mon, 01 Jan 2001 00:00:00 GMT"}
+    )
+    assert stale.retry_after_s == 0.0
 
 
 def test_418_on_create_is_rate_limited(ex, stub):
