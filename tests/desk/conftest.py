@@ -76,7 +76,7 @@ QUIET_SCHEDULES = {
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped with its module, as tests/e2e's live_stack
 def desk_stack(django_db_setup, django_db_blocker, request, tmp_path_factory) -> Iterator:
     """uvicorn + Celery worker + beat on the test database (as tests/e2e's live_stack),
     polling every second, with its own VAR_DIR for stored reports."""

@@ -94,7 +94,9 @@ def _stack_env(redis_url: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
+# One stack per module, stopped at its end: a worker and beat left running would act on
+# the next modules' rows in the shared test database (watchdogs, resumed rollbacks).
+@pytest.fixture(scope="module")
 def live_stack(django_db_setup, django_db_blocker, request, tmp_path_factory):
     from django.conf import settings
 
