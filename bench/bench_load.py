@@ -108,15 +108,7 @@ def scratch_database(tmp: Path) -> Iterator[str]:
 
 def _start_web(stack: Any, port: int, processes: int) -> None:
     """The stack's web server; `processes` > 1: uvicorn --workers (scale-out on one host)."""
-    from stack import PYTHON, wait_for_port
-
-    if processes <= 1:
-        stack.start_web(port)
-        return
-    argv = [PYTHON, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
-            "--port", str(port), "--no-access-log", "--ws", "websockets",
-            "--workers", str(processes)]  # fmt: skip
-    wait_for_port(port, 60, stack.start("web", argv))
+    stack.start_web(port, workers=processes)
 
 
 @contextmanager
@@ -200,6 +192,24 @@ def websocket_rows(live: Any, scale: Scale) -> list[dict]:
 # --------------------------------------------------------------------------- 2. POSTs
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) of the live processes of a process group (Linux /proc):
+    a stack process and its children (uvicorn's workers, Celery's pool)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields[0] is the state (field 3 of proc(5))
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def post_rows(live: Any, redis_url: str, scale: Scale, processes: int = 1) -> list[dict]:
     import redis
 
@@ -207,11 +217,17 @@ def post_rows(live: Any, redis_url: str, scale: Scale, processes: int = 1) -> li
     from tests.load.clients import post_load, stream_candle
 
     token = user_token(f"bench-feed-{uuid.uuid4().hex[:6]}", "Ops")
+    groups = {name: live.stack.procs[name].pid for name in ("web", "worker")}
+    cpu_before = {name: group_cpu_s(pgid) for name, pgid in groups.items()}
+    load_before = os.getloadavg()[0]
     result = post_load(
         "127.0.0.1", live.port, token, lambda i: [stream_candle(i)],
         scale.post_rate, scale.post_seconds, threads=32,
     )  # fmt: skip
-    backlog = redis.Redis.from_url(redis_url).llen("celery")
+    cpu = {name: group_cpu_s(pgid) - cpu_before[name] for name, pgid in groups.items()}
+    load_after = os.getloadavg()[0]
+    broker = redis.Redis.from_url(redis_url)
+    backlog = " / ".join(str(broker.llen(queue)) for queue in ("celery", "alerts.candles"))
     what = f"{scale.post_rate:.0f} candle POSTs/s for {scale.post_seconds:.0f} s"
     if processes > 1:
         what += f" ({processes} web processes)"
@@ -228,7 +244,14 @@ def post_rows(live: Any, redis_url: str, scale: Scale, processes: int = 1) -> li
              " / ".join(f"{result.p(q) or 0:.0f}" for q in (50, 95, 99)), "ms"),
         _row(f"{what}: requests leaving > 100 ms after their due time",
              sum(1 for x in late if x > 100), "requests"),
-        _row("worker backlog when the POSTs end (tasks queued)", backlog, "tasks"),
+        _row(f"{what}: web server CPU per POST (user + system)",
+             round(1000 * cpu["web"] / max(result.sent, 1), 2), "ms"),
+        _row(f"{what}: Celery worker CPU per POST during the window",
+             round(1000 * cpu["worker"] / max(result.sent, 1), 2), "ms"),
+        _row("worker backlog when the POSTs end (tasks queued: celery / alerts.candles)", backlog,
+             "tasks"),
+        _row("machine load average (1 min) before / after the POSTs",
+             f"{load_before:.1f} / {load_after:.1f}", f"on {os.cpu_count()} cores"),
     ]  # fmt: skip
 
 

@@ -91,6 +91,18 @@ else:
     # connection per thread is never reused (Django #33497): it exhausts max_connections.
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=0))
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    # A pool of connections (psycopg_pool) shared by the threads of one process: each
+    # request takes one and gives it back when it ends, instead of opening its own. For the
+    # web server (scripts/stack.py sets it there); not for the prefork Celery worker, which
+    # closes a pool after every task. The pool keeps its connections: CONN_MAX_AGE is 0.
+    DB_POOL_MAX_SIZE = env.int("DB_POOL_MAX_SIZE", default=0)
+    if DB_POOL_MAX_SIZE > 0:
+        DATABASES["default"]["CONN_MAX_AGE"] = 0
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": min(2, DB_POOL_MAX_SIZE),
+            "max_size": DB_POOL_MAX_SIZE,
+            "timeout": 10.0,
+        }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
@@ -105,6 +117,9 @@ CHANNEL_LAYERS = {
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
+# No result backend: one (disabled) backend object for all threads, not one per thread (the
+# ASGI server runs each request on a new thread; building it costs ~1 ms per request).
+CELERY_RESULT_BACKEND_THREAD_SAFE = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -153,6 +168,8 @@ REST_FRAMEWORK = {
         "user": env.str("API_THROTTLE_USER", default="6000/min"),
         "actions": env.str("API_THROTTLE_ACTIONS", default="120/min"),
         "export": env.str("API_THROTTLE_EXPORT", default="60/min"),
+        # Candle ingestion, per person (a feed): counted in fixed windows, not the user rate.
+        "ingest": env.str("API_THROTTLE_INGEST", default="60000/min"),
     },
 }
 SPECTACULAR_SETTINGS = {

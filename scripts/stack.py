@@ -17,6 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# Connections of the web server's pool (per process): enough for the requests in flight at
+# a few hundred a second; beyond it a request waits for one (10 s, then an error).
+WEB_DB_POOL_MAX_SIZE = 10
 
 
 def free_port() -> int:
@@ -58,13 +61,21 @@ class Stack:
     log_dir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self, name: str, argv: Sequence[str], *, quiet: bool = True) -> subprocess.Popen:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        quiet: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen:
+        """``env``: this process's environment (default: the stack's)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / f"{name}.log", "ab") if quiet else None  # noqa: SIM115
         proc = subprocess.Popen(
             list(argv),
             cwd=ROOT,
-            env=self.env,
+            env=self.env if env is None else env,
             stdout=out,
             stderr=subprocess.STDOUT if quiet else None,
             start_new_session=True,
@@ -99,23 +110,30 @@ class Stack:
         wait_for_port(port, 15, proc)
         return f"redis://127.0.0.1:{port}/0"
 
-    def start_web(self, port: int) -> subprocess.Popen:
-        proc = self.start(
-            "web",
-            [
-                PYTHON,
-                "-m",
-                "uvicorn",
-                "config.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-access-log",
-                "--ws",
-                "websockets",
-            ],
-        )
+    def web_env(self) -> dict[str, str]:
+        """The web server's environment: the stack's, with a PostgreSQL connection pool
+        (DB_POOL_MAX_SIZE, unless set) so that a request does not open a connection."""
+        return {"DB_POOL_MAX_SIZE": str(WEB_DB_POOL_MAX_SIZE), **self.env}
+
+    def web_argv(self, port: int, workers: int = 1) -> list[str]:
+        """uvicorn on loopback; ``workers`` > 1: that many processes on the one socket."""
+        return [
+            PYTHON,
+            "-m",
+            "uvicorn",
+            "config.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--ws",
+            "websockets",
+            *(["--workers", str(workers)] if workers > 1 else []),
+        ]
+
+    def start_web(self, port: int, workers: int = 1) -> subprocess.Popen:
+        proc = self.start("web", self.web_argv(port, workers), env=self.web_env())
         wait_for_port(port, 60, proc)
         return proc
 

@@ -1,6 +1,7 @@
 from rest_framework import status
 from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
+from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import APIView
 
 from audit.permissions import requires
@@ -14,11 +15,40 @@ class LenientJSONParser(JSONParser):
     strict = False
 
 
+class IngestRateThrottle(SimpleRateThrottle):
+    """The "ingest" rate per person, counted in fixed windows (a counter per window, per
+    process). A feed posts hundreds of times a second: the user throttle's sliding log would
+    keep, copy and store a timestamp per request of the last minute on every request."""
+
+    scope = "ingest"
+
+    def get_cache_key(self, request, view):
+        user = request.user
+        ident = user.pk if user and user.is_authenticated else self.get_ident(request)
+        return self.cache_format % {"scope": self.scope, "ident": ident}
+
+    def allow_request(self, request, view):
+        if self.rate is None:
+            return True
+        self.now = self.timer()
+        window = int(self.now // self.duration)
+        key = f"{self.get_cache_key(request, view)}:{window}"
+        try:
+            count = self.cache.incr(key)
+        except ValueError:  # the window's first request (or its counter expired)
+            count = 1 if self.cache.add(key, 1, self.duration + 1) else self.cache.incr(key)
+        return count <= self.num_requests
+
+    def wait(self):
+        return self.duration - self.now % self.duration
+
+
 class CandleIngestView(APIView):
     """POST a batch of closed candles: a JSON array, or {"candles": [...]}."""
 
     parser_classes = [LenientJSONParser]
     permission_classes = [requires("audit.ingest_candles")]
+    throttle_classes = [IngestRateThrottle]
 
     def post(self, request):
         body = request.data

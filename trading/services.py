@@ -69,7 +69,7 @@ def _touch_streams(new: list[Candle], now: datetime) -> set[int]:
         stream.last_open_time_ms = last
         stream.last_received_at = now
         stream.candles_received += len(positions)
-        stream.save()
+        stream.save(update_fields=["last_open_time_ms", "last_received_at", "candles_received"])
     return late
 
 
