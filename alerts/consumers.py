@@ -27,6 +27,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.sessions import InstanceSessionWrapper
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
@@ -312,10 +313,22 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
     # ----------------------------------------------------------------- outbound
 
     async def alerts_received(self, frames: list[Frame]) -> None:
+        """Frames encoded once per process by the hub; each goes straight to the server."""
         if self._revoked:
             return
+        send = _server_send(self.base_send)
         for alert, frame in frames:
             if self.filters.matches(
                 symbol=alert["symbol"], detector=alert["detector"], severity=alert["severity"]
             ):
-                await self.send(text_data=frame)
+                await send({"type": "websocket.send", "text": frame})
+
+
+def _server_send(send: Callable[[dict], Awaitable[None]]) -> Callable[[dict], Awaitable[None]]:
+    """The ASGI server's send beneath Channels' session middleware, whose wrapper acts on
+    HTTP responses only (saving the session, setting its cookie) but reads the session
+    for every message: for the pushed frames, one per alert and socket."""
+    wrapper = getattr(send, "__self__", None)
+    if isinstance(wrapper, InstanceSessionWrapper):
+        return wrapper.real_send
+    return send

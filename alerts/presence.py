@@ -6,6 +6,7 @@ ALERTS_PRESENCE_TTL_S (a crashed server) are ignored and removed."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -41,9 +42,17 @@ def _encode(user_id: int, filters: Filters, now: float) -> str:
 
 
 def _decode(channel: str, raw: Any) -> Connection | None:
+    decoded = _decode_value(raw)
+    return None if decoded is None else Connection(channel, *decoded)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_value(raw: Any) -> tuple[int, Filters, float] | None:
+    """An entry changes only when its connection refreshes it or changes its filters, and
+    is read for every candle: decoded once."""
     try:
         data = json.loads(raw)
-        return Connection(channel, int(data["u"]), parse_filters(data["f"]), float(data["seen"]))
+        return int(data["u"]), parse_filters(data["f"]), float(data["seen"])
     except (ValueError, KeyError, TypeError):
         return None
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.contrib.auth.models import Permission, User
-from django.db.models import Exists, OuterRef, Q
+from django.db import connections
+from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from .detectors import DetectorConfigError
 from .models import Alert, AlertRule, Delivery, DeliveryStatus, Silence
@@ -85,13 +88,38 @@ class Recipient:
     filters: Filters
 
 
-def email_recipients() -> list[Recipient]:
-    """Active users with an email and the handle_alerts or view_desk permission who opted
-    in: their AlertSubscription says email, or they have none and are in the Ops group."""
+class Prepared:
+    """A read that the ORM builds and compiles once per process and database, then runs as
+    its SQL: for reads made for every candle, whose building and compiling cost more CPU
+    than running them (the email recipients': about 5 ms a time). Only for a queryset of
+    ``values_list`` rows whose parameters are all constants."""
+
+    def __init__(self, build: Callable[[], QuerySet]) -> None:
+        self._build = build
+        self._compiled: dict[tuple[str, str], tuple[str, tuple, Any, dict]] = {}
+
+    def rows(self, using: str = "default") -> list[tuple]:
+        connection = connections[using]
+        key = (using, connection.vendor)
+        if key not in self._compiled:
+            compiler = self._build().query.get_compiler(using=using)
+            sql, params = compiler.as_sql()
+            fields = [col[0] for col in compiler.select[: compiler.col_count]]
+            self._compiled[key] = (sql, tuple(params), compiler, compiler.get_converters(fields))
+        sql, params, compiler, converters = self._compiled[key]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+        if converters:
+            return [tuple(row) for row in compiler.apply_converters(rows, converters)]
+        return rows
+
+
+def _recipient_rows() -> QuerySet:
     perms = Permission.objects.filter(content_type__app_label="audit", codename__in=RECIPIENT_PERMS)
     memberships = User.groups.through.objects.filter(group__permissions__in=perms)
     grants = User.user_permissions.through.objects.filter(permission__in=perms)
-    users = (
+    return (
         User.objects.filter(is_active=True)
         .exclude(email="")
         .filter(
@@ -99,7 +127,6 @@ def email_recipients() -> list[Recipient]:
             | Q(pk__in=memberships.values("user_id"))
             | Q(pk__in=grants.values("user_id"))
         )
-        .select_related("alert_subscription")
         .annotate(
             in_default_group=Exists(
                 User.groups.through.objects.filter(
@@ -108,21 +135,35 @@ def email_recipients() -> list[Recipient]:
             )
         )
         .order_by("pk")
+        .values_list(
+            "pk",
+            "email",
+            "in_default_group",
+            "alert_subscription__pk",
+            "alert_subscription__email",
+            "alert_subscription__symbols",
+            "alert_subscription__detectors",
+            "alert_subscription__min_severity",
+        )
     )
+
+
+_RECIPIENTS = Prepared(_recipient_rows)
+
+
+def email_recipients() -> list[Recipient]:
+    """Active users with an email and the handle_alerts or view_desk permission who opted
+    in: their AlertSubscription says email, or they have none and are in the Ops group."""
     found = []
-    for user in users:
-        sub = getattr(user, "alert_subscription", None)
-        if sub is None and user.in_default_group:
-            found.append(Recipient(user.pk, user.email, Filters()))
-        elif sub is not None and sub.email:
+    for pk, email, in_default_group, sub, *choices in _RECIPIENTS.rows():
+        if sub is None and in_default_group:
+            found.append(Recipient(pk, email, Filters()))
+        elif sub is not None and choices[0]:
+            symbols, detectors, severity = choices[1:]
             filters = parse_filters(
-                {
-                    "symbols": sub.symbols,
-                    "detectors": sub.detectors,
-                    "min_severity": sub.min_severity,
-                }
+                {"symbols": symbols, "detectors": detectors, "min_severity": severity}
             )
-            found.append(Recipient(user.pk, user.email, filters))
+            found.append(Recipient(pk, email, filters))
     return found
 
 

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -56,7 +57,7 @@ WORKERS: dict[str, tuple[tuple[str, ...], int]] = {
     "worker-deliver": (("alerts.deliver",), 1),
     "worker": (("celery",), 1),
 }
-DB_NAME = "bench_alerts"
+DB_PREFIX = "bench_alerts"
 START_MS = 1_600_000_000_000
 STEP_MS = 300_000
 
@@ -85,10 +86,20 @@ def _database_url(var: Path) -> str:
     import psycopg
 
     parts = urlsplit(url)
+    name = _scratch_name(url)
     with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DB_NAME}")
-    return urlunsplit(parts._replace(path=f"/{DB_NAME}"))
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def _scratch_name(url: str) -> str:
+    """The scratch database, named after DATABASE_URL's (``bench_alerts_<name>``), so that
+    runs against different databases of one server never drop each other's."""
+    base = re.sub(r"[^a-z0-9_]", "_", urlsplit(url).path.strip("/").lower())
+    if not base or base.startswith(DB_PREFIX):
+        return base or DB_PREFIX
+    return f"{DB_PREFIX}_{base}"[:63]
 
 
 def _drop_database(url: str) -> None:
@@ -97,8 +108,9 @@ def _drop_database(url: str) -> None:
     import psycopg
 
     parts = urlsplit(url)
+    name = urlsplit(url).path.strip("/")
     with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def _env(database_url: str, redis_url: str, smtp_port: int, var: Path) -> dict[str, str]:
@@ -490,7 +502,8 @@ def _django(env: dict[str, str]) -> None:
 def end_to_end() -> list[dict]:
     from stack import Stack, free_port
 
-    var = ROOT / "var" / "bench-alerts"
+    # one folder per database named in DATABASE_URL, like the scratch database
+    var = ROOT / "var" / "bench-alerts" / (_scratch_name(os.environ.get("DATABASE_URL", "")))
     var.mkdir(parents=True, exist_ok=True)
     database_url = _database_url(var)
     with _smtp(var) as (mail, smtp_port):

@@ -123,6 +123,13 @@ CELERY_RESULT_BACKEND_THREAD_SAFE = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A worker's pool process keeps its database connection across tasks for this many
+# seconds (config/celery.py), instead of opening one per task; 0: one per task. Not with
+# a connection pool (DB_POOL_MAX_SIZE), which Celery closes after each prefork task.
+CELERY_WORKER_DB_CONN_MAX_AGE = env.int("WORKER_DB_CONN_MAX_AGE", default=300)
+if DATABASES["default"].get("OPTIONS", {}).get("pool"):
+    CELERY_WORKER_DB_CONN_MAX_AGE = 0
+CELERY_DB_REUSE_MAX = 1_000_000 if CELERY_WORKER_DB_CONN_MAX_AGE > 0 else None
 CELERY_TASK_TIME_LIMIT = 300
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
