@@ -6,7 +6,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib.auth.models import Permission, User
@@ -29,6 +29,61 @@ log = logging.getLogger(__name__)
 
 RECIPIENT_PERMS = ("handle_alerts", "view_desk")
 DEFAULT_EMAIL_GROUP = "Ops"
+
+
+class Prepared:
+    """A read that the ORM builds and compiles once per process and database, then runs as
+    its SQL: for reads made for every candle, whose building and compiling cost more CPU
+    than running them (the email recipients': about 5 ms a time). ``build(**params)`` returns
+    a queryset of ``values_list`` rows; its parameters are constants except the scalar
+    ``params``, each given with two sample values (to find where it lands in the SQL's
+    parameters). A queryset whose SQL depends on a value (None, a list) is not for this."""
+
+    def __init__(self, build: Callable[..., QuerySet], **samples: tuple[Any, Any]) -> None:
+        self._build = build
+        self._samples = samples
+        self._compiled: dict[tuple[str, str], tuple[str, list, dict[str, list[int]], Any, dict]]
+        self._compiled = {}
+
+    def _compile(self, using: str, **values: Any) -> tuple[Any, str, list]:
+        compiler = self._build(**values).query.get_compiler(using=using)
+        sql, params = compiler.as_sql()
+        return compiler, sql, list(params)
+
+    def _prepare(self, using: str) -> tuple[str, list, dict[str, list[int]], Any, dict]:
+        first = {name: pair[0] for name, pair in self._samples.items()}
+        compiler, sql, params = self._compile(using, **first)
+        positions = {}
+        for name, (_, other) in self._samples.items():
+            _, other_sql, other_params = self._compile(using, **{**first, name: other})
+            if other_sql != sql or len(other_params) != len(params):
+                raise ValueError(f"the SQL of this read depends on the value of {name}")
+            positions[name] = [
+                i for i, (a, b) in enumerate(zip(params, other_params, strict=True)) if a != b
+            ]
+        fields = [col[0] for col in compiler.select[: compiler.col_count]]
+        return sql, params, positions, compiler, compiler.get_converters(fields)
+
+    def rows(self, using: str = "default", **values: Any) -> list[tuple]:
+        connection = connections[using]
+        key = (using, connection.vendor)
+        if key not in self._compiled:
+            self._compiled[key] = self._prepare(using)
+        sql, params, positions, compiler, converters = self._compiled[key]
+        if positions:
+            params = list(params)
+            for name, where in positions.items():
+                value = values[name]
+                if isinstance(value, datetime):
+                    value = connection.ops.adapt_datetimefield_value(value)
+                for i in where:
+                    params[i] = value
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+        if converters:
+            return [tuple(row) for row in compiler.apply_converters(rows, converters)]
+        return rows
 
 
 def rule_specs() -> list[RuleSpec]:
@@ -55,20 +110,25 @@ def rules_for_stream(symbol: str, timeframe: str) -> list[RuleSpec]:
     return resolve_rules(usable, symbol, timeframe)
 
 
+_SILENCES = Prepared(
+    lambda now: Silence.objects.filter(ended_at__isnull=True, expires_at__gt=now).values_list(
+        "pk", "symbol", "detector", "expires_at", f"author__{User.USERNAME_FIELD}", "reason"
+    ),
+    now=(datetime(2000, 1, 1, tzinfo=UTC), datetime(2001, 1, 1, tzinfo=UTC)),
+)
+
+
 def active_silences(now: datetime) -> list[SilenceSpec]:
-    rows = Silence.objects.filter(ended_at__isnull=True, expires_at__gt=now).select_related(
-        "author"
-    )
     return [
         SilenceSpec(
-            id=s.pk,
-            symbol=s.symbol,
-            detector=s.detector,
-            expires_ms=int(s.expires_at.timestamp() * 1000),
-            author=s.author.get_username(),
-            reason=s.reason,
+            id=pk,
+            symbol=symbol,
+            detector=detector,
+            expires_ms=int(expires_at.timestamp() * 1000),
+            author=author,
+            reason=reason,
         )
-        for s in rows
+        for pk, symbol, detector, expires_at, author, reason in _SILENCES.rows(now=now)
     ]
 
 
@@ -86,33 +146,6 @@ class Recipient:
     user_id: int
     email: str
     filters: Filters
-
-
-class Prepared:
-    """A read that the ORM builds and compiles once per process and database, then runs as
-    its SQL: for reads made for every candle, whose building and compiling cost more CPU
-    than running them (the email recipients': about 5 ms a time). Only for a queryset of
-    ``values_list`` rows whose parameters are all constants."""
-
-    def __init__(self, build: Callable[[], QuerySet]) -> None:
-        self._build = build
-        self._compiled: dict[tuple[str, str], tuple[str, tuple, Any, dict]] = {}
-
-    def rows(self, using: str = "default") -> list[tuple]:
-        connection = connections[using]
-        key = (using, connection.vendor)
-        if key not in self._compiled:
-            compiler = self._build().query.get_compiler(using=using)
-            sql, params = compiler.as_sql()
-            fields = [col[0] for col in compiler.select[: compiler.col_count]]
-            self._compiled[key] = (sql, tuple(params), compiler, compiler.get_converters(fields))
-        sql, params, compiler, converters = self._compiled[key]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            rows = cursor.fetchall()
-        if converters:
-            return [tuple(row) for row in compiler.apply_converters(rows, converters)]
-        return rows
 
 
 def _recipient_rows() -> QuerySet:

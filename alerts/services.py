@@ -20,7 +20,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import Count, Exists, F, OuterRef, Q
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -63,6 +63,15 @@ __all__ = ["alert_raise", "candles_process", "deliveries_sweep", "delivery_send"
 
 QUEUED_CHANNELS = (Channel.EMAIL, Channel.WEBHOOK)
 WAITING = (DeliveryStatus.PENDING, DeliveryStatus.RETRYING, DeliveryStatus.SENDING)
+_WAITING_COUNTS = selectors.Prepared(
+    lambda: (
+        Delivery.objects.filter(channel__in=QUEUED_CHANNELS, status__in=WAITING)
+        .order_by()
+        .values("channel")
+        .annotate(n=Count("pk"))
+        .values_list("n")
+    )
+)
 HANDLE = "audit.handle_alerts"
 MANAGE_RULES = "audit.manage_rules"
 
@@ -106,9 +115,7 @@ class _Fanout:
             silences=selectors.active_silences(now),
             recipients=selectors.email_recipients(),
             webhooks=[recipient_label(i) for i in range(len(settings.ALERTS_WEBHOOK_URLS))],
-            pending=Delivery.objects.filter(
-                channel__in=QUEUED_CHANNELS, status__in=WAITING
-            ).count(),
+            pending=sum(n for (n,) in _WAITING_COUNTS.rows()),
             limit=settings.ALERTS_PENDING_LIMIT,
             connections=presence.live_connections(),
         )
