@@ -129,6 +129,10 @@ class Stack:
             "--no-access-log",
             "--ws",
             "websockets",
+            # Alerts are small JSON frames pushed to every desk socket: compressing each one
+            # per socket costs the web process more CPU than it saves on loopback or a LAN.
+            "--ws-per-message-deflate",
+            "false",
             *(["--workers", str(workers)] if workers > 1 else []),
         ]
 
