@@ -145,9 +145,10 @@ class SecretWatch:
             return
         original = Stack.start
 
-        def start(stack: Any, name: str, argv: Any, *, quiet: bool = True) -> Any:
-            self.add_named(stack.env.items(), f"env of {name}")
-            return original(stack, name, argv, quiet=quiet)
+        def start(stack: Any, name: str, argv: Any, **kwargs: Any) -> Any:
+            env = kwargs.get("env") or stack.env
+            self.add_named(env.items(), f"env of {name}")
+            return original(stack, name, argv, **kwargs)
 
         Stack.start = start  # type: ignore[method-assign]
 
