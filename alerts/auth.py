@@ -15,13 +15,21 @@ def _user_for_token(key: str):
     return token.user
 
 
+def token_key(scope: dict) -> str | None:
+    """The API token of an ``Authorization: Token <key>`` header, if any."""
+    headers = dict(scope.get("headers") or [])
+    auth = headers.get(b"authorization", b"").decode("latin1")
+    if auth.lower().startswith("token "):
+        return auth.split(None, 1)[1].strip()
+    return None
+
+
 class TokenAuthMiddleware:
     def __init__(self, inner):
         self.inner = inner
 
     async def __call__(self, scope, receive, send):
-        headers = dict(scope.get("headers", []))
-        auth = headers.get(b"authorization", b"").decode("latin1")
-        if auth.lower().startswith("token "):
-            scope = dict(scope, user=await _user_for_token(auth.split(None, 1)[1].strip()))
+        key = token_key(scope)
+        if key is not None:
+            scope = dict(scope, user=await _user_for_token(key))
         return await self.inner(scope, receive, send)

@@ -34,8 +34,10 @@ from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import DatabaseError, DataError
 
 from audit.permissions import REFUSED, VIEW_DESK, refusal_record
+from trading.candles import storable
 
 from . import presence, selectors, services
+from .auth import token_key
 from .hub import Frame, hub
 from .rules import Filters, TokenBucket, parse_filters
 
@@ -60,39 +62,19 @@ def _validation_text(err: ValidationError) -> str:
     return " ".join(err.messages)
 
 
-def _storable(text: str) -> bool:
-    """No NUL (PostgreSQL refuses it) and no lone surrogate (not encodable as UTF-8)."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _unstorable_field(content: dict) -> str | None:
     """The first top-level field holding text the database cannot store, at any depth."""
     for name, value in content.items():
         stack = [name, value]
         while stack:
             item = stack.pop()
-            if isinstance(item, str) and not _storable(item):
-                return name if _storable(name) else "?"
+            if isinstance(item, str) and not storable(item):
+                return name if storable(name) else "?"
             if isinstance(item, dict):
                 stack.extend(item.keys())
                 stack.extend(item.values())
             elif isinstance(item, list):
                 stack.extend(item)
-    return None
-
-
-def _token_key(scope: dict) -> str | None:
-    """The API token the connection authenticated with (alerts.auth), if any."""
-    headers = dict(scope.get("headers") or [])
-    auth = headers.get(b"authorization", b"").decode("latin1")
-    if auth.lower().startswith("token "):
-        return auth.split(None, 1)[1].strip()
     return None
 
 
@@ -137,7 +119,7 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_UNAVAILABLE)
             return
         self.user = user
-        self._token = _token_key(self.scope)
+        self._token = token_key(self.scope)
         self.bucket = TokenBucket(
             settings.ALERTS_WS_RATE, settings.ALERTS_WS_BURST, time.monotonic()
         )

@@ -39,8 +39,9 @@ def _text(value: Any, limit: int = 40) -> str | None:
     return value.strip()
 
 
-def _storable(text: str) -> bool:
-    """No NUL (PostgreSQL refuses it) and no lone surrogate (not encodable as UTF-8)."""
+def storable(text: str) -> bool:
+    """Text a database can store: no NUL (PostgreSQL refuses it) and no lone surrogate
+    (not encodable as UTF-8)."""
     if "\x00" in text:
         return False
     try:
@@ -50,11 +51,10 @@ def _storable(text: str) -> bool:
     return True
 
 
-def _name_error(value: Any) -> str | None:
-    text = _text(value)
+def _name_error(text: str | None) -> str | None:
     if text is None:
         return "must be a non-empty string of <= 40 chars"
-    if not _storable(text):
+    if not storable(text):
         return "must not contain NUL characters or lone surrogates"
     return None
 
@@ -62,10 +62,10 @@ def _name_error(value: Any) -> str | None:
 def _key_errors(index: int, raw: dict, clean: dict, timeframes: Sequence[str]) -> list[FieldError]:
     errors: list[FieldError] = []
     for field in ("exchange", "symbol"):
-        message = _name_error(raw.get(field))
+        clean[field] = _text(raw.get(field))
+        message = _name_error(clean[field])
         if message is not None:
             errors.append(FieldError(index, field, message))
-        clean[field] = _text(raw.get(field))
     timeframe = raw.get("timeframe")
     if timeframe not in timeframes:
         errors.append(
