@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
+from django.db.models import Q
 
 from . import services
 from .engine import Action, Decision, Metrics, Outcome, Thresholds, Verdict, decide, evaluate
@@ -55,6 +56,13 @@ class StepResult:
             "evaluation": self.evaluation_id,
             "error": self.error,
         }
+
+
+_FOLLOWED_WHEN_LINKED = (
+    RollbackState.RUNNING,
+    RollbackState.STAGE1_DONE,
+    RollbackState.COMPLETED,
+)
 
 
 def monitor_all(*, now: datetime) -> list[StepResult]:
@@ -92,16 +100,13 @@ def monitor_step(*, rollout_id: int, now: datetime) -> StepResult:
         if rollout.state not in services.MONITORED_STATES:
             return StepResult(rollout.pk, rollout.state, rollout.current_phase or None)
         # A rollback running for the deployment, or one linked to this rollout that is
-        # already past stage 1 (replayed from the journal after the database came back).
+        # already past stage 1 (replayed from the journal after the database came back):
+        # one query on every step.
         running = (
             Rollback.objects.filter(
-                deployment_id=rollout.deployment_id, state=RollbackState.RUNNING
+                Q(deployment_id=rollout.deployment_id, state=RollbackState.RUNNING)
+                | Q(rollout=rollout, state__in=_FOLLOWED_WHEN_LINKED)
             )
-            .order_by("-pk")
-            .first()
-        ) or (
-            Rollback.objects.filter(rollout=rollout)
-            .exclude(state__in=(RollbackState.FAILED, RollbackState.RESTORED))
             .order_by("-pk")
             .first()
         )
