@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connections
-from django.db.models import Max, QuerySet
+from django.db.models import QuerySet
 
 from trading.models import Deployment, EquitySnapshot, MarketStream, Order, OrderStatus, Signal
 
@@ -68,12 +68,12 @@ def phase_metrics(
 ) -> Metrics:
     window = Window(deployment.pk, since, now)
     connection = connections[using]
+    symbols = list(dict.fromkeys(s for s in (deployment.symbols or []) if isinstance(s, str)))
     with connection.cursor() as cursor:
-        counts = _order_aggregates(cursor, connection, window)
+        counts = _aggregates(cursor, connection, window, symbols, deployment.timeframe)
         latency = counts.pop("latency_p95")
         if connection.vendor != "postgresql" and counts["latency_n"]:
             latency = _latency_p95_offset(cursor, connection, window, counts["latency_n"])
-        drawdown = _drawdown_pct(cursor, connection, window)
     submitted = counts["orders"] or 0
     requested = counts["requested"] or 0.0
     return Metrics(
@@ -82,16 +82,17 @@ def phase_metrics(
         fill_rate=_clamp01((counts["filled"] or 0.0) / requested) if requested > 0 else None,
         slippage_bps=_finite(counts["slippage"]),
         confluence_avg=_confluence(counts["confluence"]),
-        drawdown_pct=drawdown,
+        drawdown_pct=_drawdown_pct(counts["drawdown"]),
         error_rate=(counts["errored"] / submitted) if submitted else None,
         critical_errors=int(counts["critical"] or 0),
-        stream_gap_s=_stream_gap_s(deployment, window, using),
+        stream_gap_s=_stream_gap_s(connection, window, counts["heard"]) if symbols else None,
         db_ok=True,
     )
 
 
-# One statement for the order aggregates (and, on PostgreSQL, the percentile); raw SQL
-# keeps an evaluation to a few round trips without ORM compilation on every step.
+# One statement for the order aggregates (and, on PostgreSQL, the percentile), the
+# drawdown and the streams' silence; raw SQL keeps an evaluation to a round trip or two
+# without ORM compilation on every step.
 _WHERE = "o.deployment_id = %s AND o.submitted_at > %s AND o.submitted_at <= %s AND o.purpose <> %s"
 _ERRORED_SQL = "o.status IN ({})".format(", ".join(f"'{s.value}'" for s in ERRORED))
 _KNOWN_SQL = "o.status NOT IN ({})".format(
@@ -118,8 +119,23 @@ def _params(connection: Any, window: Window) -> list[Any]:
     ]
 
 
-def _order_aggregates(cursor: Any, connection: Any, window: Window) -> dict[str, Any]:
-    vendor = connection.vendor
+_AGGREGATE_KEYS = (
+    "orders",
+    "errored",
+    "critical",
+    "requested",
+    "filled",
+    "slippage",
+    "latency_n",
+    "latency_p95",
+    "confluence",
+    "drawdown",
+    "heard",
+)
+_SQL: dict[tuple[str, int], str] = {}
+
+
+def _aggregates_sql(vendor: str, n_symbols: int) -> str:
     latency = _LATENCY_EXPR.get(vendor, _LATENCY_EXPR["sqlite"])
     if vendor == "postgresql":
         p95 = (
@@ -129,7 +145,18 @@ def _order_aggregates(cursor: Any, connection: Any, window: Window) -> dict[str,
     else:
         p95 = "NULL"
     orders, signals = Order._meta.db_table, Signal._meta.db_table
-    sql = f"""
+    drawdown = _DRAWDOWN_SQL.format(table=EquitySnapshot._meta.db_table)
+    # The earliest of the streams' last candles: a stream never heard of counts from
+    # ``since`` (NULL when the deployment trades no symbol).
+    if n_symbols:
+        names = " UNION ALL ".join(["SELECT %s AS symbol"] * n_symbols)
+        heard = f"""(SELECT MIN(COALESCE((
+                    SELECT MAX(ms.last_received_at) FROM {MarketStream._meta.db_table} ms
+                    WHERE ms.symbol = names.symbol AND ms.timeframe = %s), %s))
+                FROM ({names}) names)"""
+    else:
+        heard = "NULL"
+    return f"""
         SELECT COUNT(*),
                SUM(CASE WHEN {_ERRORED_SQL} THEN 1 ELSE 0 END),
                SUM(CASE WHEN o.critical THEN 1 ELSE 0 END),
@@ -139,24 +166,27 @@ def _order_aggregates(cursor: Any, connection: Any, window: Window) -> dict[str,
                SUM(CASE WHEN {_HAS_LATENCY} THEN 1 ELSE 0 END),
                {p95},
                (SELECT AVG(s.score) FROM {signals} s WHERE s.id IN (
-                    SELECT o.signal_id FROM {orders} o WHERE {_WHERE}))
+                    SELECT o.signal_id FROM {orders} o WHERE {_WHERE})),
+               ({drawdown}),
+               {heard}
         FROM {orders} o WHERE {_WHERE}
     """
+
+
+def _aggregates(
+    cursor: Any, connection: Any, window: Window, symbols: list[str], timeframe: str
+) -> dict[str, Any]:
+    key = (connection.vendor, len(symbols))
+    sql = _SQL.get(key)
+    if sql is None:
+        sql = _SQL[key] = _aggregates_sql(connection.vendor, len(symbols))
     params = _params(connection, window)
-    cursor.execute(sql, params + params)
+    since, now = params[1], params[2]
+    drawdown = [window.deployment_id, now, window.deployment_id, since, since]
+    heard = [timeframe, since, *symbols] if symbols else []
+    cursor.execute(sql, params + drawdown + heard + params)
     row = cursor.fetchone()
-    keys = (
-        "orders",
-        "errored",
-        "critical",
-        "requested",
-        "filled",
-        "slippage",
-        "latency_n",
-        "latency_p95",
-        "confluence",
-    )
-    return dict(zip(keys, row, strict=True))
+    return dict(zip(_AGGREGATE_KEYS, row, strict=True))
 
 
 def _finite(value: float | None) -> float | None:
@@ -216,13 +246,7 @@ WHERE peak > 0
 """
 
 
-def _drawdown_pct(cursor: Any, connection: Any, window: Window) -> float | None:
-    ops = connection.ops
-    since = ops.adapt_datetimefield_value(window.since)
-    now = ops.adapt_datetimefield_value(window.now)
-    sql = _DRAWDOWN_SQL.format(table=EquitySnapshot._meta.db_table)
-    cursor.execute(sql, [window.deployment_id, now, window.deployment_id, since, since])
-    value = cursor.fetchone()[0]
+def _drawdown_pct(value: Any) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return min(0.0, round(float(value) * 100.0, 6))
@@ -230,20 +254,12 @@ def _drawdown_pct(cursor: Any, connection: Any, window: Window) -> float | None:
 
 # --- market streams -----------------------------------------------------------------------
 
+_LAST_RECEIVED = MarketStream._meta.get_field("last_received_at")
 
-def _stream_gap_s(deployment: Deployment, window: Window, using: str) -> float | None:
-    symbols = [s for s in (deployment.symbols or []) if isinstance(s, str)]
-    if not symbols:
-        return None
-    rows = (
-        MarketStream.objects.using(using)
-        .filter(symbol__in=symbols, timeframe=deployment.timeframe)
-        .values("symbol")
-        .annotate(last=Max("last_received_at"))
-    )
-    last_by_symbol = {row["symbol"]: row["last"] for row in rows}
-    gaps = []
-    for symbol in symbols:
-        last = last_by_symbol.get(symbol) or window.since
-        gaps.append((window.now - last).total_seconds())
-    return round(max(0.0, *gaps), 3)
+
+def _stream_gap_s(connection: Any, window: Window, earliest: Any) -> float | None:
+    """``now`` minus the earliest of the streams' last candles (read by the statement)."""
+    col = _LAST_RECEIVED.get_col(MarketStream._meta.db_table)
+    for convert in connection.ops.get_db_converters(col) + col.get_db_converters(connection):
+        earliest = convert(earliest, col, connection)
+    return round(max(0.0, (window.now - earliest).total_seconds()), 3)

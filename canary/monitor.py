@@ -15,13 +15,13 @@ state change (from the services).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
-from django.db.models import Q
 
 from . import services
 from .engine import Action, Decision, Metrics, Outcome, Thresholds, Verdict, decide, evaluate
@@ -91,36 +91,69 @@ def monitor_all(*, now: datetime) -> list[StepResult]:
 
 def monitor_step(*, rollout_id: int, now: datetime) -> StepResult:
     with transaction.atomic():
-        rollout = (
-            Rollout.objects.select_for_update().select_related("deployment").get(pk=rollout_id)
-        )
+        rollout = services.lock_rollout(rollout_id)
         if rollout.state == RolloutState.ROLLING_BACK:
             rollout = services.rollout_settle_rollback(rollout=rollout, now=now)
             return StepResult(rollout.pk, rollout.state, rollout.current_phase or None)
         if rollout.state not in services.MONITORED_STATES:
             return StepResult(rollout.pk, rollout.state, rollout.current_phase or None)
         # A rollback running for the deployment, or one linked to this rollout that is
-        # already past stage 1 (replayed from the journal after the database came back):
-        # one query on every step.
-        running = (
-            Rollback.objects.filter(
-                Q(deployment_id=rollout.deployment_id, state=RollbackState.RUNNING)
-                | Q(rollout=rollout, state__in=_FOLLOWED_WHEN_LINKED)
-            )
-            .order_by("-pk")
-            .first()
-        )
-        if running is not None:
+        # already past stage 1 (replayed from the journal after the database came back),
+        # and the current phase: one query on every step, after the lock.
+        phase, running_id = _phase_and_rollback(rollout)
+        if running_id is not None:
+            running = Rollback.objects.get(pk=running_id)
             rollout = services.rollout_join_rollback(rollout=rollout, rollback=running, now=now)
             return StepResult(rollout.pk, rollout.state, rollout.current_phase or None)
-        return _evaluate_and_act(rollout, now)
+        return _evaluate_and_act(rollout, phase, now)
 
 
-def _evaluate_and_act(rollout: Rollout, now: datetime) -> StepResult:
-    phase = services.current_phase(rollout)
+def _phase_and_rollback_sql(connection: Any) -> str:
+    qn = connection.ops.quote_name
+    followed = ", ".join(["%s"] * len(_FOLLOWED_WHEN_LINKED))
+    rollback = (
+        f"SELECT b.{qn('id')} FROM {qn(Rollback._meta.db_table)} b"
+        f" WHERE (b.{qn('deployment_id')} = %s AND b.{qn('state')} = %s)"
+        f" OR (b.{qn('rollout_id')} = %s AND b.{qn('state')} IN ({followed}))"
+        f" ORDER BY b.{qn('id')} DESC LIMIT 1"
+    )
+    return (
+        f"SELECT ({rollback}), {services.PHASE_ROWS.columns(connection)}"
+        f" FROM (SELECT 1 AS one) o LEFT JOIN {qn(Phase._meta.db_table)} p"
+        f" ON p.{qn('rollout_id')} = %s AND p.{qn('index')} = %s"
+    )
+
+
+_SQL: dict[str, str] = {}
+
+
+def _phase_and_rollback(rollout: Rollout) -> tuple[Phase | None, int | None]:
+    """(the current phase, the newest rollback to join) of a locked rollout."""
+    connection = transaction.get_connection()
+    key = f"{connection.alias}:{connection.vendor}"
+    sql = _SQL.get(key)
+    if sql is None:
+        sql = _SQL[key] = _phase_and_rollback_sql(connection)
+    params = [
+        rollout.deployment_id,
+        RollbackState.RUNNING.value,
+        rollout.pk,
+        *(s.value for s in _FOLLOWED_WHEN_LINKED),
+        rollout.pk,
+        rollout.current_phase or 0,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        running_id, *values = cursor.fetchone()
+    if values[0] is None:  # no phase row (its id is NULL)
+        return None, running_id
+    return services.PHASE_ROWS.instance(connection, values), running_id
+
+
+def _evaluate_and_act(rollout: Rollout, phase: Phase | None, now: datetime) -> StepResult:
     if phase is None or phase.started_at is None:
         return StepResult(rollout.pk, rollout.state, error="no current phase")
-    thresholds = Thresholds.from_dict(rollout.thresholds or {})
+    thresholds = _thresholds(rollout.thresholds)
     metrics = phase_metrics(deployment=rollout.deployment, since=phase.started_at, now=now)
     if _consume_db_failure(rollout.deployment_id):
         metrics = replace(metrics, db_ok=False)
@@ -133,28 +166,53 @@ def _evaluate_and_act(rollout: Rollout, now: datetime) -> StepResult:
             .values_list("verdict", flat=True)
             .first()
         )
-    evaluation = GateEvaluation.objects.create(
-        rollout=rollout,
-        phase=phase,
-        evaluated_at=now,
-        metrics=_metrics_json(metrics),
-        verdict=verdict.outcome.value,
-        reasons=[r.message for r in verdict.reasons],
-        action=decision.action.value,
+    reasons = [r.message for r in verdict.reasons]
+    connection = transaction.get_connection()
+    evaluation_id = _EVALUATION_ROWS.insert(
+        connection,
+        {
+            "rollout_id": rollout.pk,
+            "phase_id": phase.pk,
+            "evaluated_at": now,
+            "metrics": _metrics_json(metrics),
+            "verdict": verdict.outcome.value,
+            "reasons": reasons,
+            "action": decision.action.value,
+        },
     )
-    _alert_verdict(rollout, phase, verdict, evaluation, previous_verdict, now)
+    _alert_verdict(rollout, phase, verdict, evaluation_id, previous_verdict, now)
     if decision.action is not Action.NONE:
+        # The services that change the rollout copy its new state into this instance.
         _apply(rollout, phase, verdict, decision, now)
-        rollout.refresh_from_db(fields=["state", "current_phase"])
     return StepResult(
         rollout.pk,
         rollout.state,
         phase.index,
         verdict.outcome.value,
         decision.action.value,
-        [r.message for r in verdict.reasons],
-        evaluation.pk,
+        reasons,
+        evaluation_id,
     )
+
+
+_EVALUATION_ROWS = services.ModelRows(GateEvaluation, "e")
+_THRESHOLDS: dict[str, Thresholds] = {}
+
+
+def _thresholds(raw: Any) -> Thresholds:
+    """``Thresholds.from_dict``, kept per distinct JSON (the rollout's thresholds are read
+    on every step and validated once); a ``ThresholdError`` is raised every time."""
+    try:
+        key = json.dumps(raw or {}, sort_keys=True)
+    except (TypeError, ValueError):
+        return Thresholds.from_dict(raw or {})
+    thresholds = _THRESHOLDS.get(key)
+    if thresholds is None:
+        thresholds = Thresholds.from_dict(raw or {})
+        if len(_THRESHOLDS) > 256:
+            _THRESHOLDS.clear()
+        _THRESHOLDS[key] = thresholds
+    return thresholds
 
 
 def _metrics_json(metrics: Metrics) -> dict[str, Any]:
@@ -238,7 +296,7 @@ def _alert_verdict(
     rollout: Rollout,
     phase: Phase,
     verdict: Verdict,
-    evaluation: GateEvaluation,
+    evaluation_id: int,
     previous_verdict: str | None,
     now: datetime,
 ) -> None:
@@ -246,7 +304,7 @@ def _alert_verdict(
     payload = {
         "rollout": rollout.pk,
         "phase": phase.index,
-        "evaluation": evaluation.pk,
+        "evaluation": evaluation_id,
         "verdict": verdict.outcome.value,
         "reasons": [r.message for r in verdict.reasons],
     }
@@ -254,14 +312,14 @@ def _alert_verdict(
         kind = "breaker" if verdict.breaker_tripped else "fail"
         title = "circuit breaker tripped" if verdict.breaker_tripped else "gate FAIL"
         services.canary_alert(
-            key=f"rollout:{rollout.pk}:{kind}:{evaluation.pk}",
+            key=f"rollout:{rollout.pk}:{kind}:{evaluation_id}",
             severity="critical",
             message=f"{rollout.name}: {title} in phase {phase.index}: {reasons}",
             payload={**payload, "kind": kind},
         )
     elif verdict.outcome is Outcome.WARNING and previous_verdict != Outcome.WARNING.value:
         services.canary_alert(
-            key=f"rollout:{rollout.pk}:warning:{evaluation.pk}",
+            key=f"rollout:{rollout.pk}:warning:{evaluation_id}",
             severity="warning",
             message=f"{rollout.name}: WARNING in phase {phase.index}: {reasons}",
             payload={**payload, "kind": "warning"},

@@ -308,8 +308,114 @@ def json_safe(value: Any) -> Any:
     return repr(value)
 
 
+class ModelRows:
+    """A model's concrete columns read and written with SQL written once, the values turned
+    as the ORM turns them (the backend's and the fields' converters on the way in, the
+    fields' ``get_db_prep_save`` on the way out): the monitor step runs every few seconds
+    per rollout and each ORM query costs more CPU to build than to run. No model signals
+    are sent (this project connects none to the canary models)."""
+
+    def __init__(self, model: type[Any], alias: str) -> None:
+        self.model = model
+        self.alias = alias
+        self.fields = list(model._meta.concrete_fields)
+        self.attnames = [f.attname for f in self.fields]
+        self.table = model._meta.db_table
+        self._converters: dict[str, list[tuple[int, list[Any], Any]]] = {}
+
+    def columns(self, connection: Any) -> str:
+        qn = connection.ops.quote_name
+        return ", ".join(f"{self.alias}.{qn(f.column)}" for f in self.fields)
+
+    def _converters_of(self, connection: Any) -> list[tuple[int, list[Any], Any]]:
+        key = f"{connection.alias}:{connection.vendor}"
+        converters = self._converters.get(key)
+        if converters is None:
+            converters = []
+            for i, f in enumerate(self.fields):
+                col = f.get_col(self.alias)
+                funcs = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+                if funcs:
+                    converters.append((i, funcs, col))
+            self._converters[key] = converters
+        return converters
+
+    def instance(self, connection: Any, values: Any) -> Any:
+        """The model instance of ``len(self.fields)`` values read in ``columns`` order."""
+        values = list(values)
+        for i, funcs, col in self._converters_of(connection):
+            value = values[i]
+            for func in funcs:
+                value = func(value, col, connection)
+            values[i] = value
+        return self.model.from_db(connection.alias, self.attnames, values)
+
+    def insert(self, connection: Any, values: Mapping[str, Any]) -> int:
+        """INSERT one row (``values`` by attname, the others are not written); its id."""
+        qn = connection.ops.quote_name
+        fields = [f for f in self.fields if f.attname in values]
+        params = [f.get_db_prep_save(values[f.attname], connection) for f in fields]
+        pk = qn(self.model._meta.pk.column)
+        sql = "INSERT INTO {} ({}) VALUES ({})".format(
+            qn(self.table), ", ".join(qn(f.column) for f in fields), ", ".join(["%s"] * len(fields))
+        )
+        returning = connection.features.can_return_columns_from_insert
+        with connection.cursor() as cursor:
+            cursor.execute(f"{sql} RETURNING {pk}" if returning else sql, params)
+            if returning:
+                return cursor.fetchone()[0]
+            return connection.ops.last_insert_id(cursor, self.table, self.model._meta.pk.column)
+
+    def update(self, connection: Any, instance: Any, attnames: list[str]) -> None:
+        """UPDATE the instance's row with its values of ``attnames`` (as ``save(update_fields=
+        ...)`` of an existing row)."""
+        qn = connection.ops.quote_name
+        fields = [f for f in self.fields if f.attname in attnames]
+        params = [f.get_db_prep_save(getattr(instance, f.attname), connection) for f in fields]
+        sets = ", ".join(f"{qn(f.column)} = %s" for f in fields)
+        pk = qn(self.model._meta.pk.column)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {qn(self.table)} SET {sets} WHERE {pk} = %s", [*params, instance.pk]
+            )
+
+
+ROLLOUT_ROWS = ModelRows(Rollout, "r")
+DEPLOYMENT_ROWS = ModelRows(Deployment, "d")
+PHASE_ROWS = ModelRows(Phase, "p")
+
+
+def for_update(connection: Any) -> str:
+    return " FOR UPDATE" if connection.features.has_select_for_update else ""
+
+
+def lock_rollout(rollout_id: int) -> Rollout:
+    """``Rollout.objects.select_for_update().select_related("deployment").get(pk=...)``:
+    the rollout and its deployment, their rows locked (PostgreSQL) until the end of the
+    transaction."""
+    connection = transaction.get_connection()
+    qn = connection.ops.quote_name
+    sql = (
+        f"SELECT {ROLLOUT_ROWS.columns(connection)}, {DEPLOYMENT_ROWS.columns(connection)}"
+        f" FROM {qn(Rollout._meta.db_table)} r"
+        f" INNER JOIN {qn(Deployment._meta.db_table)} d ON d.{qn('id')} = r.{qn('deployment_id')}"
+        f" WHERE r.{qn('id')} = %s{for_update(connection)}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [rollout_id])
+        row = cursor.fetchone()
+    if row is None:
+        raise Rollout.DoesNotExist(f"{Rollout._meta.object_name} matching query does not exist.")
+    n = len(ROLLOUT_ROWS.fields)
+    rollout = ROLLOUT_ROWS.instance(connection, row[:n])
+    Rollout.deployment.field.set_cached_value(
+        rollout, DEPLOYMENT_ROWS.instance(connection, row[n:])
+    )
+    return rollout
+
+
 def _lock(rollout: Rollout) -> Rollout:
-    return Rollout.objects.select_for_update().select_related("deployment").get(pk=rollout.pk)
+    return lock_rollout(rollout.pk)
 
 
 def _refresh(target: Rollout, source: Rollout) -> Rollout:
@@ -322,7 +428,21 @@ def _refresh(target: Rollout, source: Rollout) -> Rollout:
 def current_phase(rollout: Rollout) -> Phase | None:
     if not rollout.current_phase:
         return None
-    return Phase.objects.filter(rollout=rollout, index=rollout.current_phase).first()
+    return read_phase("p.rollout_id = %s AND p.{index} = %s", [rollout.pk, rollout.current_phase])
+
+
+def read_phase(where: str, params: list[Any], *, lock: bool = False) -> Phase | None:
+    """The phase matching ``where`` (on alias ``p``; ``{index}`` is the quoted column)."""
+    connection = transaction.get_connection()
+    qn = connection.ops.quote_name
+    sql = (
+        f"SELECT {PHASE_ROWS.columns(connection)} FROM {qn(Phase._meta.db_table)} p"
+        f" WHERE {where.format(index=qn('index'))}{for_update(connection) if lock else ''}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else PHASE_ROWS.instance(connection, row)
 
 
 def _require_state(rollout: Rollout, allowed: tuple[str, ...], op: str) -> None:
@@ -915,11 +1035,17 @@ def phase_extend(
     """WARNING or INCONCLUSIVE at the end: the phase runs ``extension_s`` longer. Counts
     WARNINGs in a row (an INCONCLUSIVE breaks the row)."""
     with transaction.atomic():
-        locked = Phase.objects.select_for_update().get(pk=phase.pk)
+        locked = read_phase("p.id = %s", [phase.pk], lock=True)
+        if locked is None:
+            raise Phase.DoesNotExist("Phase matching query does not exist.")
         locked.ends_at = now + timedelta(seconds=locked.extension_s)
         locked.extensions += 1
         locked.consecutive_warnings = locked.consecutive_warnings + 1 if warning else 0
-        locked.save(update_fields=["ends_at", "extensions", "consecutive_warnings"])
+        PHASE_ROWS.update(
+            transaction.get_connection(),
+            locked,
+            ["ends_at", "extensions", "consecutive_warnings"],
+        )
         _audit(
             "rollout.extend",
             actor=actor,
