@@ -40,11 +40,14 @@ class AuditEvent(models.Model):
 
 
 class AuditChainHead(models.Model):
-    """A single row locked by every writer so the chain stays linear under concurrency."""
+    """A single row locked by every writer so the chain stays linear under concurrency.
+    ``prev_hash`` is the hash before the last append: on PostgreSQL one UPDATE advances the
+    head (seq, prev_hash, hash) and returns all three to the event's INSERT."""
 
     id = models.PositiveSmallIntegerField(primary_key=True, default=1)
     seq = models.BigIntegerField(default=0)
     hash = models.CharField(max_length=64, default="0" * 64)
+    prev_hash = models.CharField(max_length=64, default="0" * 64)
 
     def __str__(self) -> str:
         return f"audit chain head at #{self.seq}"

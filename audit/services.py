@@ -28,9 +28,12 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def canonical_fields(
+def _dump(doc: dict) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), cls=DjangoJSONEncoder)
+
+
+def canonical_around_seq(
     *,
-    seq: int,
     created_at: datetime,
     actor: str,
     actor_user_id: int | None,
@@ -40,20 +43,29 @@ def canonical_fields(
     payload: Any,
     ip: str | None,
     user_agent: str,
-) -> str:
-    doc = {
-        "seq": seq,
-        "created_at": created_at.isoformat(timespec="microseconds"),
-        "actor": actor,
-        "actor_user_id": actor_user_id,
-        "action": action,
-        "target_type": target_type,
-        "target_id": target_id,
-        "payload": payload,
-        "ip": ip,
-        "user_agent": user_agent,
-    }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), cls=DjangoJSONEncoder)
+) -> tuple[str, str]:
+    """The canonical JSON of an event without its seq, as ``(before, after)``:
+    ``canonical = before + str(seq) + after``. The keys are sorted, so the top-level "seq"
+    member sits between "payload" and "target_id": PostgreSQL fills in the seq it assigns
+    and hashes the text in the same statement (``audit_record``)."""
+    before = _dump(
+        {
+            "action": action,
+            "actor": actor,
+            "actor_user_id": actor_user_id,
+            "created_at": created_at.isoformat(timespec="microseconds"),
+            "ip": ip,
+            "payload": payload,
+        }
+    )
+    after = _dump({"target_id": target_id, "target_type": target_type, "user_agent": user_agent})
+    return before[:-1] + ',"seq":', "," + after[1:]
+
+
+def canonical_fields(*, seq: int, **fields: Any) -> str:
+    """The canonical JSON the hash covers: the event's own fields, keys sorted, compact."""
+    before, after = canonical_around_seq(**fields)
+    return f"{before}{int(seq)}{after}"
 
 
 def chain_hash(prev_hash: str, canonical: str) -> str:
@@ -112,61 +124,82 @@ def audit_record(
     actor_name = user.get_username() if user else (str(actor) if actor else "system")
     meta = RequestMeta.from_request(request)
     clean = json.loads(json.dumps(_scrub(payload or {}), cls=DjangoJSONEncoder))
+    created_at = timezone.now()
+    event = AuditEvent(
+        created_at=created_at,
+        actor_user=user,
+        actor=actor_name[:150],
+        action=action,
+        target_type=target_type,
+        target_id=str(target_id)[:100],
+        payload=clean,
+        ip=meta.ip,
+        user_agent=meta.user_agent,
+    )
     with transaction.atomic(savepoint=False):
         connection = transaction.get_connection()
+        if connection.vendor == "postgresql" and _append_postgresql(connection, event):
+            return event
         head, _ = AuditChainHead.objects.select_for_update().get_or_create(id=1)
-        event = AuditEvent(
-            seq=head.seq + 1,
-            created_at=timezone.now(),
-            actor_user=user,
-            actor=actor_name[:150],
-            action=action,
-            target_type=target_type,
-            target_id=str(target_id)[:100],
-            payload=clean,
-            ip=meta.ip,
-            user_agent=meta.user_agent,
-            prev_hash=head.hash,
-        )
+        event.seq, event.prev_hash = head.seq + 1, head.hash
         event.hash = event_hash(event)
-        head.seq, head.hash = event.seq, event.hash
-        if connection.vendor == "postgresql":
-            _append_postgresql(connection, event)
-        else:
-            event.save(force_insert=True)
-            head.save(update_fields=["seq", "hash"])
+        event.save(force_insert=True)
+        head.seq, head.prev_hash, head.hash = event.seq, event.prev_hash, event.hash
+        head.save(update_fields=["seq", "prev_hash", "hash"])
     return event
 
 
-# PostgreSQL: the event and the new head in one statement (one round trip, no ORM save):
-# audit writes sit on every money path.
+# PostgreSQL: one statement advances the chain head (locking its row until the caller's
+# transaction ends), hashes the event with the seq it assigns, and inserts the event: one
+# round trip, and the lock is taken no earlier than the audit write itself (audit writes
+# sit on every money path and on ingestion; the head is where concurrent writers queue).
+# The hash is sha256(prev_hash + canonical JSON) as ``event_hash`` computes it.
 _PG_APPEND_SQL = f"""
-WITH e AS (
-    INSERT INTO {AuditEvent._meta.db_table}
-        (seq, created_at, actor_user_id, actor, action, target_type, target_id, payload,
-         ip, user_agent, prev_hash, hash)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::inet, %s, %s, %s)
-    RETURNING id
+WITH h AS (
+    UPDATE {AuditChainHead._meta.db_table}
+    SET prev_hash = hash,
+        seq = seq + 1,
+        hash = encode(sha256(convert_to(hash || %s || (seq + 1)::text || %s, 'UTF8')), 'hex')
+    WHERE id = 1
+    RETURNING seq, prev_hash, hash
 )
-UPDATE {AuditChainHead._meta.db_table} SET seq = %s, hash = %s WHERE id = 1
-RETURNING (SELECT id FROM e)
+INSERT INTO {AuditEvent._meta.db_table}
+    (seq, created_at, actor_user_id, actor, action, target_type, target_id, payload,
+     ip, user_agent, prev_hash, hash)
+SELECT h.seq, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::inet, %s, h.prev_hash, h.hash FROM h
+RETURNING id, seq, prev_hash, hash
 """
 
 
-def _append_postgresql(connection: Any, event: AuditEvent) -> None:
+def _append_postgresql(connection: Any, event: AuditEvent) -> bool:
+    """Append ``event`` (seq and hashes filled in); False when there is no head row yet."""
+    before, after = canonical_around_seq(
+        created_at=event.created_at,
+        actor=event.actor,
+        actor_user_id=event.actor_user_id,
+        action=event.action,
+        target_type=event.target_type,
+        target_id=event.target_id,
+        payload=event.payload,
+        ip=event.ip,
+        user_agent=event.user_agent,
+    )
     payload = json.dumps(event.payload, cls=DjangoJSONEncoder)
     with connection.cursor() as cursor:
         cursor.execute(
             _PG_APPEND_SQL,
             [
-                event.seq, event.created_at, event.actor_user_id, event.actor, event.action,
+                before, after, event.created_at, event.actor_user_id, event.actor, event.action,
                 event.target_type, event.target_id, payload, event.ip, event.user_agent,
-                event.prev_hash, event.hash, event.seq, event.hash,
             ],
         )  # fmt: skip
-        (event.pk,) = cursor.fetchone()
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    event.pk, event.seq, event.prev_hash, event.hash = row
     event._state.adding = False
     event._state.db = connection.alias
+    return True
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,58 @@ def test_events_are_linked_from_genesis_and_head_follows():
     assert audit_verify() is None
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {},
+        {"seq": 7, "nested": {"seq": [1, 2]}, "z": None},
+        {"text": 'caf\u00e9 \u2603 "quoted" back\\slash % %s', "f": 1e-05, "n": -0.0},
+        {"big": 10**30, "list": [1.5, "x", {"b": 1, "a": 2}], "true": True},
+    ],
+)
+def test_canonical_text_is_the_sorted_compact_json_of_the_whole_event(payload):
+    from datetime import UTC, datetime
+
+    from django.core.serializers.json import DjangoJSONEncoder
+
+    from audit.services import canonical_fields
+
+    fields = {
+        "created_at": datetime(2026, 11, 21, 15, 0, 0, 123456, tzinfo=UTC),
+        "actor": "tester \u00e9",
+        "actor_user_id": 3,
+        "action": "test.canonical",
+        "target_type": "trading.Order",
+        "target_id": "41",
+        "payload": payload,
+        "ip": "127.0.0.1",
+        "user_agent": "ua/1.0",
+    }
+    whole = {**fields, "seq": 12345, "created_at": "2026-11-21T15:00:00.123456+00:00"}
+    expected = json.dumps(whole, sort_keys=True, separators=(",", ":"), cls=DjangoJSONEncoder)
+
+    assert canonical_fields(seq=12345, **fields) == expected
+
+
+@pytest.mark.django_db
+def test_the_database_computed_hash_matches_the_python_one_for_awkward_payloads():
+    """On PostgreSQL the head's UPDATE hashes the event; verification recomputes it in Python."""
+    payloads = [
+        {"text": 'caf\u00e9 \u2603 "q" \\ % %s %(x)s', "seq": 1},
+        {"f": 0.1 + 0.2, "tiny": 1e-300, "neg": -12.5, "nested": {"b": [1, {"a": None}]}},
+    ]
+    events = [
+        audit_record(action="test.awkward", actor="t\u00e9ster", payload=p, target_id="x'y")
+        for p in payloads
+    ]
+
+    stored = list(AuditEvent.objects.filter(action="test.awkward").order_by("seq"))
+    assert [e.hash for e in stored] == [e.hash for e in events]
+    assert [event_hash(e) for e in stored] == [e.hash for e in events]
+    assert AuditChainHead.objects.get(id=1).prev_hash == events[0].hash
+    assert audit_verify() is None
+
+
 @pytest.mark.django_db
 def test_event_joins_the_callers_transaction_and_rolls_back_with_it():
     record_events(1)
