@@ -49,7 +49,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -85,6 +85,7 @@ RECORDED_FIELDS = [
     "submitted_at", "acked_at", "latency_ms", "status", "error", "critical",
     "exchange_order_id", "filled_qty", "avg_fill_price", "fee", "slippage_bps",
 ]  # fmt: skip
+_COLUMNS = {name: Order._meta.get_field(name).column for name in RECORDED_FIELDS}
 MAX_FLATTEN_ATTEMPTS = 20
 
 
@@ -520,6 +521,8 @@ def _persist(intent: Intent, now: datetime, status: str, reason: str) -> tuple[O
         "submitted_at": now if status == OrderStatus.ERROR else None,
     }
     try:
+        if not status and not connection.in_atomic_block:  # one statement, committed
+            return portfolio.insert_row(Order(**fields)), True
         with transaction.atomic():
             order = Order.objects.create(**fields)
             if status:  # refused before the exchange: final now. A sent order is audited
@@ -667,10 +670,17 @@ def _apply_outcome(
 
 
 def _record_effects(
-    order: Order, fill: _NewFill | None, deployment: Deployment | None, ts: datetime
+    order: Order,
+    fill: _NewFill | None,
+    deployment: Deployment | None,
+    ts: datetime,
+    *,
+    audit_fill: float | None = None,
 ) -> None:
     """What a recorded outcome writes besides the order row (in the caller's transaction):
-    the fill, position and cash, the audit record, an equity snapshot, the UNKNOWN alert."""
+    the fill, position and cash, an equity snapshot, the UNKNOWN alert, the audit record.
+    ``audit_fill``: the fill was already written (``portfolio.fill_record_claimed``), this
+    much of it."""
     if fill is not None:
         books = getattr(deployment, "books", None) or {}
         portfolio.fill_record(
@@ -682,17 +692,20 @@ def _record_effects(
             ts=ts,
             known=books.get(order.symbol),
         )
-    audit_record(
-        action=f"order.{order.status.lower()}",
-        actor=ACTOR,
-        target=order,
-        payload=_audit_payload(order, fill.qty if fill is not None else 0.0),
-    )
     if fill is not None:
         dep = deployment if deployment is not None else Deployment(pk=order.deployment_id)
         portfolio.equity_snapshot_write(deployment=dep, ts=ts)
     if order.status == OrderStatus.UNKNOWN:
         _alert_unknown(order)
+    # Last: the audit chain's head stays locked from here to the commit.
+    audit_record(
+        action=f"order.{order.status.lower()}",
+        actor=ACTOR,
+        target=order,
+        payload=_audit_payload(
+            order, audit_fill if audit_fill is not None else fill.qty if fill is not None else 0.0
+        ),
+    )
 
 
 def order_record(
@@ -728,11 +741,30 @@ def _record_sent(
     records this outcome over it, as ``order_record`` does."""
     with transaction.atomic():
         fill = _apply_outcome(order, outcome, submitted_at, latency_ms)
+        ts = order.acked_at or submitted_at
+        known = (getattr(deployment, "books", None) or {}).get(order.symbol)
+        if fill is not None and known is not None and connection.vendor == "postgresql":
+            claim = portfolio.fill_record_claimed(
+                order=order,
+                pending=OrderStatus.PENDING,
+                recorded={_COLUMNS[name]: getattr(order, name) for name in RECORDED_FIELDS},
+                qty=fill.qty,
+                price=fill.price,
+                fee_quote=fill.fee_quote,
+                base_fee=fill.base_fee,
+                ts=ts,
+                known=known,
+            )
+            if claim.written:
+                _record_effects(order, None, deployment, ts, audit_fill=fill.qty)
+                return order
+            # The position moved since it was read: its row is read locked below.
+            deployment.books.pop(order.symbol, None)  # type: ignore[union-attr]
         claimed = Order.objects.filter(
             pk=order.pk, status=OrderStatus.PENDING, submitted_at__isnull=True
         ).update(**{name: getattr(order, name) for name in RECORDED_FIELDS})
         if claimed:
-            _record_effects(order, fill, deployment, order.acked_at or submitted_at)
+            _record_effects(order, fill, deployment, ts)
             return order
     return order_record(
         order_id=order.pk,

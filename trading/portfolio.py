@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import connection
@@ -33,6 +34,33 @@ QTY_DECIMALS = 12
 def clean_qty(qty: float) -> float:
     """Drop float noise from base quantities (exchange steps are far coarser)."""
     return round(qty, QTY_DECIMALS) + 0.0
+
+
+_INSERT_SQL: dict[tuple[type, str], str] = {}
+
+
+def insert_row(obj: Any) -> Any:
+    """INSERT one new model instance with a fixed, cached statement (the values prepared as
+    the ORM prepares them, ``auto_now`` included; no signals, none are connected to the
+    trading models): for rows written on every order, where the ORM's per-call building
+    and compiling costs more CPU than the database's work. Sets and returns ``obj``."""
+    meta = obj._meta
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    key = (type(obj), connection.vendor)
+    sql = _INSERT_SQL.get(key)
+    if sql is None:
+        quote = connection.ops.quote_name
+        sql = _INSERT_SQL[key] = (
+            f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+            f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {quote(meta.pk.column)}"
+        )
+    params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        obj.pk = cursor.fetchone()[0]
+    obj._state.adding = False
+    obj._state.db = connection.alias
+    return obj
 
 
 @dataclass(frozen=True)
@@ -142,6 +170,115 @@ def _position_swap(
             updated_at=timezone.now(),
         )
     )
+
+
+# PostgreSQL, the order router's common case (a fill of an order it persisted PENDING just
+# before sending, on a symbol whose position row it read before): in one statement, claim
+# the order (still PENDING, never recorded) and the position (still holding what was
+# read), both locked; only when both hold, record the order's outcome, the Fill, the
+# position, the cash and the equity snapshot (the traded symbol's new value plus the other
+# positions; the peak from the last snapshot, else the starting cash). Nothing is written
+# when either claim fails: the caller then takes the general path.
+_FILL_RECORD_PG_SQL = """
+WITH chk AS (
+    SELECT (SELECT id FROM {order} WHERE id = %s AND status = %s AND submitted_at IS NULL
+            FOR UPDATE) AS oid,
+           (SELECT id FROM {position} WHERE deployment_id = %s AND symbol = %s AND qty = %s
+            AND avg_entry = %s AND realised_pnl = %s FOR UPDATE) AS pid
+), ok AS (
+    SELECT oid, pid FROM chk WHERE oid IS NOT NULL AND pid IS NOT NULL
+), o AS (
+    UPDATE {order} SET {order_set} WHERE id = (SELECT oid FROM ok) RETURNING id
+), f AS (
+    INSERT INTO {fill} (order_id, qty, price, fee, ts) SELECT id, %s, %s, %s, %s FROM o
+    RETURNING id
+), p AS (
+    UPDATE {position} SET qty = %s, avg_entry = %s, realised_pnl = %s, last_price = %s,
+        updated_at = %s
+    WHERE id = (SELECT pid FROM ok)
+    RETURNING id, qty * COALESCE(last_price, avg_entry) AS value
+), d AS (
+    UPDATE {deployment} SET cash = cash + %s WHERE id = %s AND EXISTS (SELECT 1 FROM ok)
+    RETURNING id, cash, starting_cash
+), x AS (
+    SELECT d.id, d.cash,
+           (SELECT value FROM p) + COALESCE((SELECT SUM(q.qty * COALESCE(q.last_price, q.avg_entry))
+               FROM {position} q WHERE q.deployment_id = d.id AND q.id <> (SELECT pid FROM ok)), 0.0)
+               AS value,
+           COALESCE((SELECT s.peak FROM {snapshot} s WHERE s.deployment_id = d.id
+                     ORDER BY s.ts DESC, s.id DESC LIMIT 1), d.starting_cash) AS last_peak
+    FROM d
+), y AS (
+    SELECT id, cash, value, cash + value AS equity, GREATEST(last_peak, cash + value) AS top
+    FROM x
+), s AS (
+    INSERT INTO {snapshot} (deployment_id, ts, cash, positions_value, equity, peak, drawdown_pct)
+    SELECT id, %s, cash, value, equity, top,
+           CASE WHEN top > 0 THEN LEAST(0.0, (equity / top - 1.0) * 100.0) ELSE 0.0 END
+    FROM y
+    RETURNING id
+)
+SELECT (SELECT oid FROM chk), (SELECT pid FROM chk), (SELECT id FROM f), (SELECT id FROM s)
+"""
+
+
+@dataclass(frozen=True)
+class FillClaim:
+    """What ``fill_record_claimed`` found: the order and the position still as read
+    (``order_free``, ``position_same``), and the rows written when both held."""
+
+    order_free: bool
+    position_same: bool
+    fill_id: int | None
+    snapshot_id: int | None
+
+    @property
+    def written(self) -> bool:
+        return self.fill_id is not None
+
+
+def fill_record_claimed(
+    *,
+    order: Order,
+    pending: str,
+    recorded: dict[str, Any],
+    qty: float,
+    price: float,
+    fee_quote: float,
+    base_fee: float,
+    ts: datetime,
+    known: Book,
+) -> FillClaim:
+    """PostgreSQL only (``_FILL_RECORD_PG_SQL``): the order's ``recorded`` fields (column ->
+    value), its fill, position, cash and an equity snapshot in one statement, if the order
+    is still ``pending`` and never submitted and its position row still holds ``known``.
+    Call inside the caller's transaction."""
+    signed, trade_price, trade_fee = _effective_trade(order.side, qty, price, fee_quote, base_fee)
+    book = apply_trade(known, signed, trade_price, trade_fee)
+    quote_fee = fee_quote - base_fee * price
+    cash_delta = (-qty if order.side == "buy" else qty) * price - quote_fee
+    columns = list(recorded)
+    sql = _FILL_RECORD_PG_SQL.format(
+        order=Order._meta.db_table,
+        position=Position._meta.db_table,
+        fill=Fill._meta.db_table,
+        deployment=Deployment._meta.db_table,
+        snapshot=EquitySnapshot._meta.db_table,
+        order_set=", ".join(f"{connection.ops.quote_name(c)} = %s" for c in columns),
+    )
+    params = [
+        order.pk, pending,
+        order.deployment_id, order.symbol, known.qty, known.avg_entry, known.realised,
+        *(recorded[c] for c in columns),
+        qty, price, fee_quote, ts,
+        book.qty, book.avg_entry, book.realised, price, timezone.now(),
+        cash_delta, order.deployment_id,
+        ts,
+    ]  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        oid, pid, fill_id, snapshot_id = cursor.fetchone()
+    return FillClaim(oid is not None, pid is not None, fill_id, snapshot_id)
 
 
 def positions_mark(*, deployment_id: int, symbol: str, price: float) -> int:

@@ -195,3 +195,95 @@ def test_snapshot_peak_follows_the_latest_snapshot_not_the_highest():
     assert later.peak == 1.5 and later.drawdown_pct == pytest.approx(-40.0)
     same_time = portfolio.equity_snapshot_write(deployment=dep, ts=NOW + timedelta(minutes=1))
     assert same_time.peak == 1.5
+
+
+# --------------------------------------------------------------------------- one statement
+
+
+def _claim(order: Order, known: Book, **kw):
+    from trading.models import OrderStatus
+
+    fields = {"qty": 0.1, "price": 0.06, "fee_quote": 0.00001, "base_fee": 0.0, "ts": NOW}
+    fields.update(kw)
+    return portfolio.fill_record_claimed(
+        order=order,
+        pending=OrderStatus.PENDING,
+        recorded={"status": "FILLED", "submitted_at": NOW, "filled_qty": fields["qty"]},
+        known=known,
+        **fields,
+    )
+
+
+def _world_after_fill(dep: Deployment) -> tuple:
+    position = Position.objects.get(deployment=dep, symbol=ETH)
+    snap = EquitySnapshot.objects.filter(deployment=dep).latest("id")
+    return (
+        round(position.qty, 12),
+        round(position.avg_entry, 12),
+        round(position.realised_pnl, 12),
+        position.last_price,
+        round(Deployment.objects.get(pk=dep.pk).cash, 12),
+        round(snap.positions_value, 12),
+        round(snap.equity, 12),
+        round(snap.peak, 12),
+        round(snap.drawdown_pct, 9),
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("side", "qty"), [("buy", 0.2), ("sell", 0.1)])
+def test_the_one_statement_fill_writes_what_the_general_path_writes(side, qty):
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the one-statement fill record is PostgreSQL's")
+    worlds = []
+    for one_statement in (True, False):
+        dep = make_deployment(name=f"one-statement-{one_statement}")
+        Position.objects.create(deployment=dep, symbol=ETH, qty=0.4, avg_entry=0.05)
+        Position.objects.create(
+            deployment=dep, symbol=LTC, qty=2.0, avg_entry=0.003, last_price=0.0031
+        )
+        portfolio.equity_snapshot_write(deployment=dep, ts=NOW - timedelta(minutes=1), peak=1.2)
+        order = filled_order(dep, side, qty)
+        known = Book(0.4, 0.05, 0.0)
+        if one_statement:
+            claim = _claim(order, known, qty=qty)
+            assert claim.written and claim.snapshot_id is not None
+            stored = Order.objects.get(pk=order.pk)
+            assert (stored.status, stored.submitted_at, stored.filled_qty) == ("FILLED", NOW, qty)
+            assert list(stored.fills.values_list("qty", "price", "fee", "ts")) == [
+                (qty, 0.06, 0.00001, NOW)
+            ]
+        else:
+            portfolio.fill_record(
+                order=order, qty=qty, price=0.06, fee_quote=0.00001, base_fee=0.0, ts=NOW,
+                known=known,
+            )  # fmt: skip
+            portfolio.equity_snapshot_write(deployment=dep, ts=NOW)
+        worlds.append(_world_after_fill(dep))
+    assert worlds[0] == worlds[1]
+
+
+@pytest.mark.django_db
+def test_the_one_statement_fill_writes_nothing_when_the_position_moved_or_the_order_was_recorded():
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the one-statement fill record is PostgreSQL's")
+    dep = make_deployment()
+    Position.objects.create(deployment=dep, symbol=ETH, qty=0.5, avg_entry=0.05)
+    order = filled_order(dep, "buy", 0.1)
+
+    moved = _claim(order, Book(0.4, 0.05, 0.0))
+    assert (moved.order_free, moved.position_same, moved.written) == (True, False, False)
+
+    Order.objects.filter(pk=order.pk).update(status="FILLED", submitted_at=NOW)
+    recorded = _claim(order, Book(0.5, 0.05, 0.0))
+    assert (recorded.order_free, recorded.position_same, recorded.written) == (False, True, False)
+
+    assert not order.fills.exists()
+    assert not EquitySnapshot.objects.filter(deployment=dep).exists()
+    assert Position.objects.get(deployment=dep, symbol=ETH).qty == 0.5
+    assert Deployment.objects.get(pk=dep.pk).cash == 1.0
+    assert Order.objects.get(pk=order.pk).filled_qty == 0.0
