@@ -37,21 +37,24 @@ class Prepared:
     than running them (the email recipients': about 5 ms a time). ``build(**params)`` returns
     a queryset of ``values_list`` rows; its parameters are constants except the scalar
     ``params``, each given with two sample values (to find where it lands in the SQL's
-    parameters). A queryset whose SQL depends on a value (None, a list) is not for this."""
+    parameters). A queryset whose SQL depends on a value (None, a list) is not for this,
+    except through a keyword without samples (a slice's bounds, say): the SQL is then
+    compiled once per value of it, which ``build`` receives as is."""
 
     def __init__(self, build: Callable[..., QuerySet], **samples: tuple[Any, Any]) -> None:
         self._build = build
         self._samples = samples
-        self._compiled: dict[tuple[str, str], tuple[str, list, dict[str, list[int]], Any, dict]]
-        self._compiled = {}
+        self._compiled: dict[tuple, tuple[str, list, dict[str, list[int]], Any, dict]] = {}
 
     def _compile(self, using: str, **values: Any) -> tuple[Any, str, list]:
         compiler = self._build(**values).query.get_compiler(using=using)
         sql, params = compiler.as_sql()
         return compiler, sql, list(params)
 
-    def _prepare(self, using: str) -> tuple[str, list, dict[str, list[int]], Any, dict]:
-        first = {name: pair[0] for name, pair in self._samples.items()}
+    def _prepare(
+        self, using: str, shape: dict[str, Any]
+    ) -> tuple[str, list, dict[str, list[int]], Any, dict]:
+        first = {**shape, **{name: pair[0] for name, pair in self._samples.items()}}
         compiler, sql, params = self._compile(using, **first)
         positions = {}
         for name, (_, other) in self._samples.items():
@@ -66,10 +69,12 @@ class Prepared:
 
     def rows(self, using: str = "default", **values: Any) -> list[tuple]:
         connection = connections[using]
-        key = (using, connection.vendor)
-        if key not in self._compiled:
-            self._compiled[key] = self._prepare(using)
-        sql, params, positions, compiler, converters = self._compiled[key]
+        shape = {k: v for k, v in values.items() if k not in self._samples}
+        key = (using, connection.vendor, *sorted(shape.items()))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compiled[key] = self._prepare(using, shape)
+        sql, params, positions, compiler, converters = compiled
         if positions:
             params = list(params)
             for name, where in positions.items():
@@ -86,8 +91,27 @@ class Prepared:
         return rows
 
 
+_RULES = Prepared(
+    lambda: AlertRule.objects.values_list(
+        "detector", "params", "symbol", "timeframe", "enabled", "severity", "rate_limit_s"
+    )
+)
+
+
 def rule_specs() -> list[RuleSpec]:
-    return [rule.as_spec() for rule in AlertRule.objects.all()]
+    """Every stored rule, as AlertRule.as_spec makes it (read for every candle)."""
+    return [
+        RuleSpec(
+            detector=detector,
+            params=dict(params or {}),
+            symbol=symbol,
+            timeframe=timeframe,
+            enabled=enabled,
+            severity=severity,
+            rate_limit_s=rate_limit_s,
+        )
+        for detector, params, symbol, timeframe, enabled, severity, rate_limit_s in _RULES.rows()
+    ]
 
 
 def rules_for_stream(symbol: str, timeframe: str) -> list[RuleSpec]:
@@ -132,13 +156,21 @@ def active_silences(now: datetime) -> list[SilenceSpec]:
     ]
 
 
-def last_passed_event_ms(rate_key: str, before_ms: int) -> int | None:
-    return (
+_LAST_PASSED = Prepared(
+    lambda rate_key, before_ms: (
         Alert.objects.filter(rate_key=rate_key, suppressed=False, event_ms__lt=before_ms)
         .order_by("-event_ms")
-        .values_list("event_ms", flat=True)
-        .first()
-    )
+        .values_list("event_ms")[:1]
+    ),
+    rate_key=("a|b|c|d", "e|f|g|h"),
+    before_ms=(1, 2),
+)
+
+
+def last_passed_event_ms(rate_key: str, before_ms: int) -> int | None:
+    """The event time of the key's last delivered (not suppressed) alert before this one."""
+    found = _LAST_PASSED.rows(rate_key=rate_key, before_ms=before_ms)
+    return found[0][0] if found else None
 
 
 @dataclass(frozen=True)

@@ -174,22 +174,19 @@ def _insert_websocket_rows(alert_ids: list[int], user_ids: tuple[int, ...], now:
     """One INSERT ... SELECT for these alerts and users (those still active): the ORM's
     bulk_create costs about 0.1 ms of CPU per row, and there is a row per subscriber."""
     quote = connection.ops.quote_name
-    if connection.vendor == "postgresql":  # two array parameters, not one per id
-        where, ids = "a.id = ANY(%s) AND u.id = ANY(%s)", [list(alert_ids), list(user_ids)]
-    else:
-        marks = ", ".join(["%s"] * len(alert_ids)), ", ".join(["%s"] * len(user_ids))
-        where, ids = f"a.id IN ({marks[0]}) AND u.id IN ({marks[1]})", [*alert_ids, *user_ids]
+    alerts_where, alerts_params = _ids_sql("id", alert_ids, table="a")
+    users_where, users_params = _ids_sql("id", list(user_ids), table="u")
     sql = (
         f"INSERT INTO {quote(Delivery._meta.db_table)}"
         " (alert_id, channel, recipient, user_id, status, attempts, error, created_at)"
         " SELECT a.id, %s, 'user:' || CAST(u.id AS VARCHAR(20)), u.id, %s, 0, '', %s"
         f" FROM {quote(Alert._meta.db_table)} a CROSS JOIN {quote(User._meta.db_table)} u"
-        f" WHERE {where} AND u.is_active"
+        f" WHERE {alerts_where} AND {users_where} AND u.is_active"
     )
     created = connection.ops.adapt_datetimefield_value(now)
     params = [str(Channel.WEBSOCKET), str(DeliveryStatus.PENDING), created]
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, *ids])
+        cursor.execute(sql, [*params, *alerts_params, *users_params])
         return max(cursor.rowcount, 0)
 
 
@@ -329,21 +326,24 @@ def _message(det: Detection) -> str:
     return f"{det.detector} {det.direction}{value}"
 
 
-def _candle_event(candle: Candle, det: Detection, spec: RuleSpec, detected: datetime) -> _Event:
+def _candle_event(
+    stream: dict[str, str], candle: _Pending, det: Detection, spec: RuleSpec, detected: datetime
+) -> _Event:
+    symbol, timeframe = stream["symbol"], stream["timeframe"]
     return _Event(
         fields={
-            "candle": candle,
+            "candle_id": candle.pk,
             "source": "detector",
-            "exchange": candle.exchange,
-            "symbol": candle.symbol,
-            "timeframe": candle.timeframe,
+            "exchange": stream["exchange"],
+            "symbol": symbol,
+            "timeframe": timeframe,
             "detector": det.detector,
             "direction": det.direction,
             "value": det.value,
             "severity": spec.severity,
             "message": _message(det),
             "dedupe_key": candle_dedupe_key(candle.pk, det.detector),
-            "rate_key": rate_key(candle.symbol, candle.timeframe, det.detector, det.direction),
+            "rate_key": rate_key(symbol, timeframe, det.detector, det.direction),
             "event_ms": candle.open_time_ms,
             "candle_close_at": _ms_to_dt(candle.close_time_ms + 1),
             "ingested_at": candle.ingested_at,
@@ -357,10 +357,88 @@ def _candle_event(candle: Candle, det: Detection, spec: RuleSpec, detected: date
 
 
 PURE_FIELDS = ("open_time_ms", "open", "high", "low", "close", "volume")
+_STREAM_SAMPLES = {"exchange": ("x1", "x2"), "symbol": ("s1", "s2"), "timeframe": ("t1", "t2")}
 
 
-def _pure(c: Candle) -> PureCandle:
-    return PureCandle(c.open_time_ms, c.open, c.high, c.low, c.close, c.volume)
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """An unprocessed candle of the stream being processed, read as a row."""
+
+    pk: int
+    candle: PureCandle
+    close_time_ms: int
+    ingested_at: datetime
+    alerted: bool
+    """An earlier run recorded alerts for it (then undone): dedupe keys may clash."""
+
+    @property
+    def open_time_ms(self) -> int:
+        return self.candle.open_time_ms
+
+
+_PENDING = selectors.Prepared(
+    lambda exchange, symbol, timeframe, limit: (
+        Candle.objects.filter(
+            exchange=exchange,
+            symbol=symbol,
+            timeframe=timeframe,
+            processed_at__isnull=True,
+            late=False,
+        )
+        .annotate(alerted=Exists(Alert.objects.filter(candle=OuterRef("pk"))))
+        .order_by("open_time_ms")
+        .values_list("pk", *PURE_FIELDS, "close_time_ms", "ingested_at", "alerted")[:limit]
+    ),
+    **_STREAM_SAMPLES,
+)
+_BEFORE = selectors.Prepared(
+    lambda exchange, symbol, timeframe, first_ms, lookback: (
+        Candle.objects.filter(
+            exchange=exchange, symbol=symbol, timeframe=timeframe, open_time_ms__lt=first_ms
+        )
+        .order_by("-open_time_ms")
+        .values_list("pk", *PURE_FIELDS)[:lookback]
+    ),
+    first_ms=(1, 2),
+    **_STREAM_SAMPLES,
+)
+_BETWEEN = selectors.Prepared(
+    lambda exchange, symbol, timeframe, first_ms, upto_ms: (
+        Candle.objects.filter(
+            exchange=exchange,
+            symbol=symbol,
+            timeframe=timeframe,
+            open_time_ms__gte=first_ms,
+            open_time_ms__lte=upto_ms,
+        )
+        .order_by("open_time_ms")
+        .values_list("pk", *PURE_FIELDS)
+    ),
+    first_ms=(1, 2),
+    upto_ms=(3, 4),
+    **_STREAM_SAMPLES,
+)
+
+
+def _pending(stream: dict[str, str]) -> list[_Pending]:
+    """The stream's unprocessed in-order candles, oldest first, ALERTS_PROCESS_BATCH at most."""
+    return [
+        _Pending(pk, PureCandle(*values), close_ms, ingested_at, bool(alerted))
+        for pk, *values, close_ms, ingested_at, alerted in _PENDING.rows(
+            **stream, limit=settings.ALERTS_PROCESS_BATCH
+        )
+    ]
+
+
+def _ids_sql(column: str, ids: list[int], table: str = "") -> tuple[str, list[Any]]:
+    """SQL for "column is one of these ids" (at least one): a single array parameter on
+    PostgreSQL (one statement text whatever their number), one parameter per id elsewhere."""
+    column = connection.ops.quote_name(column)
+    if table:
+        column = f"{table}.{column}"
+    if connection.vendor == "postgresql":
+        return f"{column} = ANY(%s)", [list(ids)]
+    return f"{column} IN ({', '.join(['%s'] * len(ids))})", list(ids)
 
 
 def _lock_stream(exchange: str, symbol: str, timeframe: str) -> None:
@@ -373,26 +451,25 @@ def _lock_stream(exchange: str, symbol: str, timeframe: str) -> None:
 
 
 def _stream_candles(
-    stream: dict[str, str], pending: list[Candle], lookback: int
+    stream: dict[str, str], pending: list[_Pending], lookback: int
 ) -> list[tuple[int, PureCandle]]:
     """(id, candle) of the ``lookback`` stored candles before the first pending one and of
     every stored candle from it to the last pending one (late ones included), in
     open-time order; the history is read as tuples, not model instances."""
     first_ms, upto_ms = pending[0].open_time_ms, pending[-1].open_time_ms
-    rows = Candle.objects.filter(**stream).values_list("pk", *PURE_FIELDS)
-    before = list(rows.filter(open_time_ms__lt=first_ms).order_by("-open_time_ms")[:lookback])
+    before = _BEFORE.rows(**stream, first_ms=first_ms, lookback=lookback)
     history = [(pk, PureCandle(*values)) for pk, *values in before[::-1]]
     if len(pending) == 1:
-        return [*history, (pending[0].pk, _pure(pending[0]))]
-    rest = rows.filter(open_time_ms__gte=first_ms, open_time_ms__lte=upto_ms)
-    return history + [(pk, PureCandle(*values)) for pk, *values in rest.order_by("open_time_ms")]
+        return [*history, (pending[0].pk, pending[0].candle)]
+    rest = _BETWEEN.rows(**stream, first_ms=first_ms, upto_ms=upto_ms)
+    return history + [(pk, PureCandle(*values)) for pk, *values in rest]
 
 
 def _detect(
     history: list[tuple[int, PureCandle]],
-    pending: list[Candle],
+    pending: list[_Pending],
     detectors: list[Detector[Any, Any]],
-) -> list[tuple[Candle, Detection]]:
+) -> list[tuple[_Pending, Detection]]:
     runner = LiveRunner(detectors)
     wanted = {c.pk: c for c in pending}
     found = []
@@ -401,6 +478,33 @@ def _detect(
         if pk in wanted:
             found += [(wanted[pk], d) for d in detections]
     return found
+
+
+def _unprocessed_streams(candle_ids: list[int]) -> list[tuple[str, str, str]]:
+    """(exchange, symbol, timeframe) of these candles' streams, those of late or processed
+    candles left out, in order."""
+    if not candle_ids:
+        return []
+    quote = connection.ops.quote_name
+    where, params = _ids_sql("id", candle_ids)
+    columns = ", ".join(map(quote, ("exchange", "symbol", "timeframe")))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT DISTINCT {columns} FROM {quote(Candle._meta.db_table)} WHERE {where}"
+            f" AND NOT {quote('late')} AND {quote('processed_at')} IS NULL ORDER BY {columns}",
+            params,
+        )
+        return cursor.fetchall()
+
+
+def _mark_processed(candle_ids: list[int], now: datetime) -> None:
+    where, params = _ids_sql("id", candle_ids)
+    table = connection.ops.quote_name(Candle._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET processed_at = %s WHERE {where}",
+            [connection.ops.adapt_datetimefield_value(now), *params],
+        )
 
 
 def stream_process(*, exchange: str, symbol: str, timeframe: str) -> list[Alert]:
@@ -416,11 +520,7 @@ def stream_process(*, exchange: str, symbol: str, timeframe: str) -> list[Alert]
     fan = _Fanout.load() if detectors else None
     with transaction.atomic():
         _lock_stream(exchange, symbol, timeframe)
-        pending = list(
-            Candle.objects.filter(**stream, processed_at__isnull=True, late=False)
-            .annotate(alerted=Exists(Alert.objects.filter(candle=OuterRef("pk"))))
-            .order_by("open_time_ms")[: settings.ALERTS_PROCESS_BATCH]
-        )
+        pending = _pending(stream)
         if not pending:
             return []
         alerts: list[Alert] = []
@@ -428,11 +528,12 @@ def stream_process(*, exchange: str, symbol: str, timeframe: str) -> list[Alert]
             lookback = max(d.lookback for d in detectors)
             hits = _detect(_stream_candles(stream, pending, lookback), pending, detectors)
             events = [
-                _candle_event(c, det, by_name[det.detector], timezone.now()) for c, det in hits
+                _candle_event(stream, c, det, by_name[det.detector], timezone.now())
+                for c, det in hits
             ]
             rerun = any(c.alerted for c in pending)
             alerts = _record_candle_alerts(events, fan, rerun=rerun) if events else []
-        Candle.objects.filter(pk__in=[c.pk for c in pending]).update(processed_at=timezone.now())
+        _mark_processed([c.pk for c in pending], timezone.now())
         if fan is not None and alerts:
             _finish(fan)
     return alerts
@@ -441,14 +542,8 @@ def stream_process(*, exchange: str, symbol: str, timeframe: str) -> list[Alert]
 def candles_process(*, candle_ids: Iterable[int]) -> list[Alert]:
     """Process the streams of these candles, each in open-time order (a stream whose
     candles an earlier run took with its backlog is skipped)."""
-    streams = (
-        Candle.objects.filter(pk__in=list(candle_ids), late=False, processed_at__isnull=True)
-        .values_list("exchange", "symbol", "timeframe")
-        .distinct()
-        .order_by("exchange", "symbol", "timeframe")
-    )
     alerts: list[Alert] = []
-    for exchange, symbol, timeframe in streams:
+    for exchange, symbol, timeframe in _unprocessed_streams(list(candle_ids)):
         alerts += stream_process(exchange=exchange, symbol=symbol, timeframe=timeframe)
     return alerts
 
@@ -544,20 +639,34 @@ def _push(alerts: list[Alert], expected_rows: int) -> int:
     except TransportError as err:
         error = err
     latency_ms = (time.perf_counter() - t0) * 1000
-    now = timezone.now()
     alert_ids = [a.pk for a in alerts]
     with transaction.atomic():
-        count = Delivery.objects.filter(
-            alert_id__in=alert_ids, channel=Channel.WEBSOCKET, status=DeliveryStatus.PENDING
-        ).update(
-            status=DeliveryStatus.FAILED if error else DeliveryStatus.SENT,
-            error=error.message[:500] if error else "",
-            attempts=1,
-            claimed_at=now,
-            sent_at=None if error else now,
-        )
+        count = _mark_websocket_rows(alert_ids, error, timezone.now())
         _record_websocket(count, latency_ms, error, alert_ids)
     return count
+
+
+def _mark_websocket_rows(alert_ids: list[int], error: TransportError | None, now: datetime) -> int:
+    """The alerts' pending WebSocket rows marked sent (or failed), in one UPDATE."""
+    quote = connection.ops.quote_name
+    where, ids = _ids_sql("alert_id", alert_ids)
+    stamp = connection.ops.adapt_datetimefield_value(now)
+    values = [
+        str(DeliveryStatus.FAILED if error else DeliveryStatus.SENT),
+        error.message[:500] if error else "",
+        stamp,
+        None if error else stamp,
+    ]
+    sql = (
+        f"UPDATE {quote(Delivery._meta.db_table)} SET {quote('status')} = %s,"
+        f" {quote('error')} = %s, {quote('attempts')} = 1, {quote('claimed_at')} = %s,"
+        f" {quote('sent_at')} = %s WHERE {where} AND {quote('channel')} = %s"
+        f" AND {quote('status')} = %s"
+    )
+    params = [*values, *ids, str(Channel.WEBSOCKET), str(DeliveryStatus.PENDING)]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return max(cursor.rowcount, 0)
 
 
 def _record_websocket(
