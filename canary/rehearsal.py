@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from django.db.models import Count, F, Max, Min
+from django.db import transaction
+from django.db.models import Count, Max, Min
 
 from audit.roles import ensure_roles
 from trading.models import Candle, Deployment, EquitySnapshot, MarketStream, Order
@@ -254,16 +255,35 @@ class Feed:
         exchange = self.series[0].items[0]["exchange"]
         for symbol, (open_ms, clock) in self.heard.items():
             fields = {"last_open_time_ms": open_ms, "last_received_at": clock}
-            stream = MarketStream.objects.filter(
-                exchange=exchange, symbol=symbol, timeframe=timeframe
-            )
-            if symbol in self.written and stream.update(**fields):
+            if symbol in self.written and _stream_heard(exchange, symbol, timeframe, **fields):
                 continue
             MarketStream.objects.update_or_create(
                 exchange=exchange, symbol=symbol, timeframe=timeframe, defaults=fields
             )
             self.written.add(symbol)
         self.heard = {}
+
+
+_STREAM_SQL = (
+    f"UPDATE {MarketStream._meta.db_table} SET last_open_time_ms = %s, last_received_at = %s"
+    " WHERE exchange = %s AND symbol = %s AND timeframe = %s"
+)
+
+
+def _stream_heard(
+    exchange: str,
+    symbol: str,
+    timeframe: str,
+    *,
+    last_open_time_ms: int,
+    last_received_at: datetime,
+) -> int:
+    """``MarketStream.objects.filter(...).update(...)`` with its SQL written once."""
+    connection = transaction.get_connection()
+    received = connection.ops.adapt_datetimefield_value(last_received_at)
+    with connection.cursor() as cursor:
+        cursor.execute(_STREAM_SQL, [last_open_time_ms, received, exchange, symbol, timeframe])
+        return cursor.rowcount
 
 
 def _candle(item: dict[str, Any], clock: datetime) -> Candle:
@@ -361,12 +381,14 @@ class Cadence:
     def phase_changed(self) -> bool:
         """Re-read the current phase (after a step that acted). True when it is a new one:
         a new drawdown window, its marks from the last one at or before the phase start."""
-        row = (
-            Phase.objects.filter(rollout_id=self.rollout.pk, rollout__current_phase=F("index"))
-            .values_list("index", "started_at", "ends_at")
-            .first()
+        phase = services.read_phase(
+            "p.rollout_id = %s AND p.{index} = (SELECT current_phase FROM"
+            f" {Rollout._meta.db_table} WHERE id = %s)",
+            [self.rollout.pk, self.rollout.pk],
         )
-        index, started, self.ends_at = row if row is not None else (0, None, None)
+        index, started, self.ends_at = (
+            (phase.index, phase.started_at, phase.ends_at) if phase is not None else (0, None, None)
+        )
         if (index, started) == self.phase:
             return False
         self.phase = (index, started)
