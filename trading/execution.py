@@ -73,6 +73,7 @@ from .exchange import (
     validate_order,
 )
 from .models import Deployment, KillSwitch, Order, OrderStatus, Position, Signal
+from .rows import insert_row, update_rows
 
 log = logging.getLogger(__name__)
 
@@ -522,7 +523,7 @@ def _persist(intent: Intent, now: datetime, status: str, reason: str) -> tuple[O
     }
     try:
         if not status and not connection.in_atomic_block:  # one statement, committed
-            return portfolio.insert_row(Order(**fields)), True
+            return insert_row(Order(**fields)), True
         with transaction.atomic():
             order = Order.objects.create(**fields)
             if status:  # refused before the exchange: final now. A sent order is audited
@@ -760,9 +761,11 @@ def _record_sent(
                 return order
             # The position moved since it was read: its row is read locked below.
             deployment.books.pop(order.symbol, None)  # type: ignore[union-attr]
-        claimed = Order.objects.filter(
-            pk=order.pk, status=OrderStatus.PENDING, submitted_at__isnull=True
-        ).update(**{name: getattr(order, name) for name in RECORDED_FIELDS})
+        claimed = update_rows(
+            Order,
+            {"id": order.pk, "status": OrderStatus.PENDING, "submitted_at": None},
+            {name: getattr(order, name) for name in RECORDED_FIELDS},
+        )
         if claimed:
             _record_effects(order, fill, deployment, ts)
             return order

@@ -23,10 +23,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import F, Max
+from django.db.models import Max
 from django.utils import timezone
 
 from .models import Candle, Deployment, EquitySnapshot, Fill, Order, Position
+from .rows import insert_row, update_rows
 
 QTY_DECIMALS = 12
 
@@ -34,33 +35,6 @@ QTY_DECIMALS = 12
 def clean_qty(qty: float) -> float:
     """Drop float noise from base quantities (exchange steps are far coarser)."""
     return round(qty, QTY_DECIMALS) + 0.0
-
-
-_INSERT_SQL: dict[tuple[type, str], str] = {}
-
-
-def insert_row(obj: Any) -> Any:
-    """INSERT one new model instance with a fixed, cached statement (the values prepared as
-    the ORM prepares them, ``auto_now`` included; no signals, none are connected to the
-    trading models): for rows written on every order, where the ORM's per-call building
-    and compiling costs more CPU than the database's work. Sets and returns ``obj``."""
-    meta = obj._meta
-    fields = [f for f in meta.concrete_fields if not f.primary_key]
-    key = (type(obj), connection.vendor)
-    sql = _INSERT_SQL.get(key)
-    if sql is None:
-        quote = connection.ops.quote_name
-        sql = _INSERT_SQL[key] = (
-            f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-            f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {quote(meta.pk.column)}"
-        )
-    params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        obj.pk = cursor.fetchone()[0]
-    obj._state.adding = False
-    obj._state.db = connection.alias
-    return obj
 
 
 @dataclass(frozen=True)
@@ -125,7 +99,7 @@ def fill_record(
     written by one conditional update instead of a locking read and a write. Call inside
     the caller's transaction.
     """
-    fill = Fill.objects.create(order=order, qty=qty, price=price, fee=fee_quote, ts=ts)
+    fill = insert_row(Fill(order=order, qty=qty, price=price, fee=fee_quote, ts=ts))
     signed, trade_price, trade_fee = _effective_trade(order.side, qty, price, fee_quote, base_fee)
     if known is None or not _position_swap(order, known, signed, trade_price, trade_fee, price):
         position, _ = Position.objects.select_for_update().get_or_create(
@@ -146,8 +120,14 @@ def fill_record(
         )
     quote_fee = fee_quote - base_fee * price
     cash_delta = (-qty if order.side == "buy" else qty) * price - quote_fee
-    Deployment.objects.filter(pk=order.deployment_id).update(cash=F("cash") + cash_delta)
+    _add_cash(order.deployment_id, cash_delta)
     return fill
+
+
+def _add_cash(deployment_id: int, delta: float) -> None:
+    table = connection.ops.quote_name(Deployment._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {table} SET cash = cash + %s WHERE id = %s", [delta, deployment_id])
 
 
 def _position_swap(
@@ -155,21 +135,11 @@ def _position_swap(
 ) -> bool:
     """Compare-and-set: the position after the trade, if its row still holds ``known``."""
     book = apply_trade(known, signed, trade_price, trade_fee)
-    return bool(
-        Position.objects.filter(
-            deployment_id=order.deployment_id,
-            symbol=order.symbol,
-            qty=known.qty,
-            avg_entry=known.avg_entry,
-            realised_pnl=known.realised,
-        ).update(
-            qty=book.qty,
-            avg_entry=book.avg_entry,
-            realised_pnl=book.realised,
-            last_price=last,
-            updated_at=timezone.now(),
-        )
-    )
+    where = {"deployment": order.deployment_id, "symbol": order.symbol, "qty": known.qty,
+             "avg_entry": known.avg_entry, "realised_pnl": known.realised}  # fmt: skip
+    values = {"qty": book.qty, "avg_entry": book.avg_entry, "realised_pnl": book.realised,
+              "last_price": last, "updated_at": timezone.now()}  # fmt: skip
+    return bool(update_rows(Position, where, values))
 
 
 # PostgreSQL, the order router's common case (a fill of an order it persisted PENDING just
