@@ -5,7 +5,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -38,17 +38,58 @@ class IngestResult:
         return [pk for pk in self.created_ids if pk not in late]
 
 
-def _existing(cleaned: list[dict]) -> dict[tuple, Candle]:
+def _one_of(column: str, values: list[Any]) -> tuple[str, list[Any]]:
+    """SQL for "column is one of these values" (at least one): one array parameter on
+    PostgreSQL (one statement text whatever their number), one parameter each elsewhere."""
+    column = connection.ops.quote_name(column)
+    if connection.vendor == "postgresql":
+        return f"{column} = ANY(%s)", [list(values)]
+    return f"{column} IN ({', '.join(['%s'] * len(values))})", list(values)
+
+
+_STREAM_WHERE = "exchange = %s AND symbol = %s AND timeframe = %s"
+
+
+def _existing(cleaned: list[dict]) -> dict[tuple, tuple]:
+    """The stored value fields (Candle.VALUE_FIELDS) of the candles with these keys, by key;
+    read as rows, one query per stream (ingestion's hot path: no ORM query building)."""
     by_stream: dict[tuple, list[int]] = {}
     for item in cleaned:
         by_stream.setdefault(candle_key(item)[:3], []).append(item["open_time_ms"])
-    found: dict[tuple, Candle] = {}
-    for (exchange, symbol, timeframe), times in by_stream.items():
-        rows = Candle.objects.filter(
-            exchange=exchange, symbol=symbol, timeframe=timeframe, open_time_ms__in=times
-        )
-        found.update({candle_key(c.__dict__): c for c in rows})
+    quote = connection.ops.quote_name
+    columns = ", ".join(map(quote, ("open_time_ms", *Candle.VALUE_FIELDS)))
+    found: dict[tuple, tuple] = {}
+    with connection.cursor() as cursor:
+        for stream, times in by_stream.items():
+            among, params = _one_of("open_time_ms", times)
+            cursor.execute(
+                f"SELECT {columns} FROM {quote(Candle._meta.db_table)}"
+                f" WHERE {_STREAM_WHERE} AND {among}",
+                [*stream, *params],
+            )
+            found.update({(*stream, time): tuple(values) for time, *values in cursor.fetchall()})
     return found
+
+
+def _lock_stream(stream: tuple[str, str, str]) -> tuple[int, int, int]:
+    """The stream's freshness row (id, last open time, candles received), created if it
+    is missing, locked for the transaction."""
+    table = connection.ops.quote_name(MarketStream._meta.db_table)
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, last_open_time_ms, candles_received FROM {table}"
+            f" WHERE {_STREAM_WHERE}{lock}",
+            list(stream),
+        )
+        row = cursor.fetchone()
+    if row is not None:
+        return row
+    exchange, symbol, timeframe = stream
+    created, _ = MarketStream.objects.select_for_update().get_or_create(
+        exchange=exchange, symbol=symbol, timeframe=timeframe
+    )
+    return created.pk, created.last_open_time_ms, created.candles_received
 
 
 def _touch_streams(new: list[Candle], now: datetime) -> set[int]:
@@ -57,19 +98,20 @@ def _touch_streams(new: list[Candle], now: datetime) -> set[int]:
     by_stream: dict[tuple, list[int]] = {}
     for pos, candle in enumerate(new):
         by_stream.setdefault((candle.exchange, candle.symbol, candle.timeframe), []).append(pos)
-    for (exchange, symbol, timeframe), positions in by_stream.items():
-        stream, _ = MarketStream.objects.select_for_update().get_or_create(
-            exchange=exchange, symbol=symbol, timeframe=timeframe
-        )
-        last = stream.last_open_time_ms
+    table = connection.ops.quote_name(MarketStream._meta.db_table)
+    received_at = connection.ops.adapt_datetimefield_value(now)
+    for stream, positions in by_stream.items():
+        pk, last, received = _lock_stream(stream)
         for pos in sorted(positions, key=lambda p: new[p].open_time_ms):
             if new[pos].open_time_ms < last:
                 late.add(pos)
             last = max(last, new[pos].open_time_ms)
-        stream.last_open_time_ms = last
-        stream.last_received_at = now
-        stream.candles_received += len(positions)
-        stream.save(update_fields=["last_open_time_ms", "last_received_at", "candles_received"])
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {table} SET last_open_time_ms = %s, last_received_at = %s,"
+                " candles_received = %s WHERE id = %s",
+                [last, received_at, received + len(positions), pk],
+            )
     return late
 
 
@@ -81,12 +123,14 @@ def _insert(cleaned: list[dict], *, source: str, actor: Any, request: Any) -> In
         stored = existing.get(candle_key(item))
         if stored is None:
             fresh.append(item)
-        elif not stored.same_values(item):
+            continue
+        values = dict(zip(Candle.VALUE_FIELDS, stored, strict=True))
+        if any(values[f] != item[f] for f in Candle.VALUE_FIELDS):
             conflicts.append(
                 {
                     "index": index,
                     "key": dict(zip(KEY_FIELDS, candle_key(item), strict=True)),
-                    "stored": {f: getattr(stored, f) for f in Candle.VALUE_FIELDS},
+                    "stored": values,
                     "received": {f: item[f] for f in Candle.VALUE_FIELDS},
                 }
             )

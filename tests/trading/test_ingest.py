@@ -199,3 +199,45 @@ def test_processing_is_queued_on_commit(client):
     response = post(client, [candle()])
     assert response.status_code == 201
     assert Candle.objects.get().processed_at is not None
+
+
+@pytest.mark.django_db
+def test_stream_freshness_accumulates_per_stream_and_never_goes_back(client):
+    later, earlier = 1515560700000, 1515560400000
+    assert post(client, [candle(open_time_ms=later), candle(symbol="LTC/BTC")]).status_code == 201
+    response = post(
+        client,
+        [candle(open_time_ms=earlier), candle(), candle(symbol="LTC/BTC", open_time_ms=later)],
+    )
+    assert response.status_code == 201
+    assert response.json()["late"] == 2
+    eth = MarketStream.objects.get(symbol="ETH/BTC")
+    ltc = MarketStream.objects.get(symbol="LTC/BTC")
+    assert (eth.last_open_time_ms, eth.candles_received) == (later, 3)
+    assert (ltc.last_open_time_ms, ltc.candles_received) == (later, 2)
+    assert eth.last_received_at is not None
+    late = Candle.objects.filter(late=True).values_list("symbol", "open_time_ms")
+    assert sorted(late) == [("ETH/BTC", 1515560100000), ("ETH/BTC", earlier)]
+
+
+@pytest.mark.django_db
+def test_a_conflict_names_every_stored_value(client):
+    post(client, [candle(), candle(symbol="LTC/BTC")])
+    response = post(client, [candle(symbol="LTC/BTC"), candle(volume=1.0)])
+    assert response.status_code == 409
+    [conflict] = response.json()["conflicts"]
+    assert conflict["index"] == 1
+    assert conflict["key"] == {
+        "exchange": "binance",
+        "symbol": "ETH/BTC",
+        "timeframe": "5m",
+        "open_time_ms": 1515560100000,
+    }
+    assert conflict["stored"] == {
+        "open": 0.0984,
+        "high": 0.0994766,
+        "low": 0.09828605,
+        "close": 0.0994766,
+        "volume": 1820.54,
+    }
+    assert conflict["received"]["volume"] == 1.0
