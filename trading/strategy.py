@@ -267,6 +267,40 @@ def _act(
         return order is not None and order.status not in (OrderStatus.REJECTED, OrderStatus.ERROR)
 
 
+# Account.reload's reads: the positions with the levels of each one's last filled entry
+# (as ``levels_of``), and the last equity snapshot; SQL written once (``{name}``: a table).
+_POSITIONS_SQL = """
+SELECT p.symbol, p.qty, p.avg_entry, p.last_price, s.stop, s.target
+FROM {position} p
+LEFT JOIN {signal} s ON s.id = (
+    SELECT o.signal_id FROM {order} o
+    WHERE o.deployment_id = p.deployment_id AND o.symbol = p.symbol AND o.purpose = '{entry}'
+        AND o.filled_qty > 0 AND o.signal_id IS NOT NULL
+    ORDER BY o.id DESC LIMIT 1)
+WHERE p.deployment_id = %s
+"""
+_LAST_SNAPSHOT_SQL = """
+SELECT ts, peak FROM {snapshot} WHERE deployment_id = %s ORDER BY ts DESC, id DESC LIMIT 1
+"""
+_SNAPSHOT_TS = EquitySnapshot._meta.get_field("ts")
+_RELOAD_SQL: dict[tuple[str, str], str] = {}
+
+
+def _reload_sql(connection: Any, template: str) -> str:
+    key = (connection.vendor, template)
+    sql = _RELOAD_SQL.get(key)
+    if sql is None:
+        qn = connection.ops.quote_name
+        sql = _RELOAD_SQL[key] = template.format(
+            position=qn(Position._meta.db_table),
+            signal=qn(Signal._meta.db_table),
+            order=qn(Order._meta.db_table),
+            snapshot=qn(EquitySnapshot._meta.db_table),
+            entry=execution.ENTRY,
+        )
+    return sql
+
+
 @dataclass
 class _Mark:
     qty: float
@@ -309,17 +343,18 @@ class Account:
         pk = self.deployment.pk
         self.deployment = Deployment.objects.get(pk=pk)
         self.cash = self.deployment.cash
-        rows = Position.objects.filter(deployment_id=pk).values_list(
-            "symbol", "qty", "avg_entry", "last_price"
-        )
-        self.positions = {symbol: _Mark(qty, avg, last) for symbol, qty, avg, last in rows}
-        self.levels = {s: levels_of(pk, s) for s, mark in self.positions.items() if mark.qty > 0}
-        last = (
-            EquitySnapshot.objects.filter(deployment_id=pk)
-            .order_by("-ts", "-id")
-            .values_list("ts", "peak")
-            .first()
-        )
+        connection = transaction.get_connection()
+        with connection.cursor() as cursor:
+            cursor.execute(_reload_sql(connection, _POSITIONS_SQL), [pk])
+            rows = cursor.fetchall()
+            cursor.execute(_reload_sql(connection, _LAST_SNAPSHOT_SQL), [pk])
+            last = cursor.fetchone()
+        self.positions = {symbol: _Mark(qty, avg, mark) for symbol, qty, avg, mark, *_ in rows}
+        self.levels = {symbol: (stop, target) for symbol, qty, *_, stop, target in rows if qty > 0}
+        if last is not None:
+            ts = _SNAPSHOT_TS.get_col(EquitySnapshot._meta.db_table)
+            for convert in connection.ops.get_db_converters(ts) + ts.get_db_converters(connection):
+                last = (convert(last[0], ts, connection), last[1])
         self.last_snapshot, self.peak = last if last is not None else (None, None)
 
     def holding(self, symbol: str) -> Holding:
@@ -379,6 +414,19 @@ class Account:
         self.candles, self.signals, self.snapshots, self.marks = [], [], [], {}
 
 
+_PLAIN_TYPES = {
+    "FloatField": float,
+    "CharField": str,
+    "TextField": str,
+    "BigIntegerField": int,
+    "IntegerField": int,
+    "PositiveIntegerField": int,
+    "PositiveSmallIntegerField": int,
+    "SmallIntegerField": int,
+    "BooleanField": bool,
+}
+
+
 class _Inserts:
     """``Model.objects.bulk_create(objs[, ignore_conflicts=True])`` of plain rows (no
     expressions, no signals: none is connected to these models) with the statement of each
@@ -389,6 +437,9 @@ class _Inserts:
     def __init__(self, model: type[Any], *, ignore_conflicts: bool = False) -> None:
         self.model = model
         self.fields = [f for f in model._meta.concrete_fields if not f.primary_key]
+        # The Python type whose values a field writes unchanged (its get_db_prep_save is
+        # the identity on them): those skip the call.
+        self.plain = [_PLAIN_TYPES.get(f.get_internal_type()) for f in self.fields]
         self.on_conflict = OnConflict.IGNORE if ignore_conflicts else None
         self._sql: dict[tuple[str, str, int], str] = {}
 
@@ -423,9 +474,11 @@ class _Inserts:
                 params = []
                 for obj in chunk:
                     obj._prepare_related_fields_for_save(operation_name="bulk_create")
-                    params += [
-                        f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields
-                    ]
+                    for f, plain in zip(fields, self.plain, strict=True):
+                        value = f.pre_save(obj, True)
+                        if value is None or type(value) is not plain:
+                            value = f.get_db_prep_save(value, connection)
+                        params.append(value)
                 cursor.execute(self._statement(connection, len(chunk), returning), params)
                 if returning:
                     for obj, (pk,) in zip(chunk, cursor.fetchall(), strict=True):
