@@ -20,7 +20,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, Exists, F, OuterRef, Q
+from django.db.models import Count, Exists, OuterRef, Q
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -700,6 +700,25 @@ RETRY_DUE_SLACK_S = 1.0
 read on another worker's clock."""
 
 
+_DELIVERY_FIELDS = Delivery._meta.concrete_fields
+_ALERT_FIELDS = Alert._meta.concrete_fields
+_DELIVERY_WITH_ALERT = selectors.Prepared(
+    lambda pk: Delivery.objects.filter(pk=pk).values_list(
+        *(f.name for f in _DELIVERY_FIELDS), *(f"alert__{f.name}" for f in _ALERT_FIELDS)
+    ),
+    pk=(1, 2),
+)
+
+
+def _delivery_with_alert(delivery_id: int) -> Delivery:
+    """The delivery with its alert, as select_related would read them."""
+    [row] = _DELIVERY_WITH_ALERT.rows(pk=delivery_id)
+    split = len(_DELIVERY_FIELDS)
+    delivery = Delivery.from_db("default", [f.attname for f in _DELIVERY_FIELDS], row[:split])
+    delivery.alert = Alert.from_db("default", [f.attname for f in _ALERT_FIELDS], row[split:])
+    return delivery
+
+
 def _claim(delivery_id: int) -> Delivery | None:
     """The one place that decides whether a delivery is sent now: pending, a retry that is
     due, or sending but claimed longer than ALERTS_CLAIM_STALE_S ago (its worker died).
@@ -707,20 +726,31 @@ def _claim(delivery_id: int) -> Delivery | None:
     now = timezone.now()
     stale = now - timedelta(seconds=settings.ALERTS_CLAIM_STALE_S)
     due = now + timedelta(seconds=RETRY_DUE_SLACK_S)
-    claimable = (
-        Q(status=DeliveryStatus.PENDING)
-        | Q(status=DeliveryStatus.RETRYING, next_attempt_at__isnull=True)
-        | Q(status=DeliveryStatus.RETRYING, next_attempt_at__lte=due)
-        | Q(status=DeliveryStatus.SENDING, claimed_at__lt=stale)
+    stamp = connection.ops.adapt_datetimefield_value
+    sql = (
+        f"UPDATE {connection.ops.quote_name(Delivery._meta.db_table)}"
+        " SET status = %s, claimed_at = %s, attempts = attempts + 1"
+        " WHERE id = %s AND NOT (channel = %s) AND (status = %s"
+        " OR (status = %s AND (next_attempt_at IS NULL OR next_attempt_at <= %s))"
+        " OR (status = %s AND claimed_at < %s))"
     )
-    claimed = (
-        Delivery.objects.filter(claimable, pk=delivery_id)
-        .exclude(channel=Channel.WEBSOCKET)
-        .update(status=DeliveryStatus.SENDING, claimed_at=now, attempts=F("attempts") + 1)
-    )
+    params = [
+        str(DeliveryStatus.SENDING),
+        stamp(now),
+        delivery_id,
+        str(Channel.WEBSOCKET),
+        str(DeliveryStatus.PENDING),
+        str(DeliveryStatus.RETRYING),
+        stamp(due),
+        str(DeliveryStatus.SENDING),
+        stamp(stale),
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        claimed = cursor.rowcount
     if not claimed:
         return None
-    return Delivery.objects.select_related("alert").get(pk=delivery_id)
+    return _delivery_with_alert(delivery_id)
 
 
 def backoff_s(attempt: int) -> float:
@@ -768,7 +798,8 @@ def _record_attempt(
             error=message,
             latency_ms=latency_ms,
         )
-        Delivery.objects.filter(pk=delivery.pk).update(
+        _mark_attempted(
+            delivery.pk,
             status=status,
             error=message,
             sent_at=finished if error is None else None,
@@ -787,6 +818,23 @@ def _record_attempt(
                 },
             )
     return SendOutcome(status, retry_in)
+
+
+def _mark_attempted(
+    delivery_id: int,
+    *,
+    status: str,
+    error: str,
+    sent_at: datetime | None,
+    next_attempt_at: datetime | None,
+) -> None:
+    stamp = connection.ops.adapt_datetimefield_value
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {connection.ops.quote_name(Delivery._meta.db_table)} SET status = %s,"
+            " error = %s, sent_at = %s, next_attempt_at = %s WHERE id = %s",
+            [str(status), error, stamp(sent_at), stamp(next_attempt_at), delivery_id],
+        )
 
 
 def _lost(now: datetime) -> Q:

@@ -189,3 +189,49 @@ def test_production_refuses_a_claim_stale_time_below_the_send_time_limit():
     result = manage("check", env=PRODUCTION | {"ALERTS_CLAIM_STALE_S": "30"})
     assert result.returncode != 0
     assert "ALERTS_CLAIM_STALE_S must exceed" in result.stderr
+
+
+def test_which_deliveries_a_task_claims(sweep_settings):
+    from django.utils import timezone
+
+    from alerts.models import Delivery
+    from alerts.services import _claim
+
+    now = timezone.now()
+    soon = now + timedelta(seconds=30)
+    rows = {
+        "pending": (_row(now), True),
+        "retrying, no time": (_row(now, "retrying", attempts=1), True),
+        "retrying, due": (_row(now, "retrying", attempts=1, next_attempt_at=_ago(now, 5)), True),
+        "retrying, due within a second": (
+            _row(now, "retrying", attempts=1, next_attempt_at=now + timedelta(seconds=0.5)),
+            True,
+        ),
+        "retrying, later": (_row(now, "retrying", attempts=1, next_attempt_at=soon), False),
+        "sending, stale": (_row(now, "sending", attempts=1, claimed_at=_ago(now, 200)), True),
+        "sending, fresh": (_row(now, "sending", attempts=1, claimed_at=_ago(now, 60)), False),
+        "sent": (_row(now, "sent", attempts=1), False),
+        "failed": (_row(now, "failed", attempts=5), False),
+        "overflow": (_row(now, "overflow"), False),
+        "websocket, pending": (_row(now, channel="websocket"), False),
+    }
+    claimed = {name: _claim(row.pk) for name, (row, _) in rows.items()}
+    assert {name: got is not None for name, got in claimed.items()} == {
+        name: expected for name, (_, expected) in rows.items()
+    }
+    for name, (row, expected) in rows.items():
+        stored = Delivery.objects.get(pk=row.pk)
+        if not expected:
+            assert (stored.status, stored.attempts) == (row.status, row.attempts), name
+            continue
+        got = claimed[name]
+        assert (stored.status, stored.attempts) == ("sending", row.attempts + 1), name
+        assert now <= stored.claimed_at <= timezone.now()
+        assert (got.pk, got.status, got.attempts) == (row.pk, "sending", row.attempts + 1)
+        assert (got.claimed_at, got.recipient, got.created_at) == (
+            stored.claimed_at,
+            row.recipient,
+            row.created_at,
+        )
+        assert got.alert.as_message() == row.alert.as_message()
+        assert got.alert_id == row.alert_id
