@@ -24,7 +24,17 @@ from typing import Any
 from django.db import DatabaseError, connection, transaction
 
 from . import services
-from .engine import Action, Decision, Metrics, Outcome, Thresholds, Verdict, decide, evaluate
+from .engine import (
+    METRIC_NAMES,
+    Action,
+    Decision,
+    Metrics,
+    Outcome,
+    Thresholds,
+    Verdict,
+    decide,
+    evaluate,
+)
 from .metrics import phase_metrics
 from .models import GateEvaluation, Phase, Rollback, RollbackState, Rollout, RolloutState
 
@@ -124,16 +134,12 @@ def _phase_and_rollback_sql(connection: Any) -> str:
     )
 
 
-_SQL: dict[str, str] = {}
-
-
 def _phase_and_rollback(rollout: Rollout) -> tuple[Phase | None, int | None]:
     """(the current phase, the newest rollback to join) of a locked rollout."""
     connection = transaction.get_connection()
-    key = f"{connection.alias}:{connection.vendor}"
-    sql = _SQL.get(key)
-    if sql is None:
-        sql = _SQL[key] = _phase_and_rollback_sql(connection)
+    sql = services.sql_once(
+        connection, ("phase_and_rollback",), lambda: _phase_and_rollback_sql(connection)
+    )
     params = [
         rollout.deployment_id,
         RollbackState.RUNNING.value,
@@ -159,15 +165,11 @@ def _evaluate_and_act(rollout: Rollout, phase: Phase | None, now: datetime) -> S
         metrics = replace(metrics, db_ok=False)
     verdict = evaluate(metrics, thresholds, phase.index)
     decision = _decision(rollout, phase, verdict, now)
+    connection = transaction.get_connection()
     previous_verdict = None
     if verdict.outcome is Outcome.WARNING:
-        previous_verdict = (
-            phase.evaluations.order_by("-evaluated_at", "-id")
-            .values_list("verdict", flat=True)
-            .first()
-        )
+        previous_verdict = _previous_verdict(connection, phase.pk)
     reasons = [r.message for r in verdict.reasons]
-    connection = transaction.get_connection()
     evaluation_id = _EVALUATION_ROWS.insert(
         connection,
         {
@@ -215,10 +217,27 @@ def _thresholds(raw: Any) -> Thresholds:
     return thresholds
 
 
-def _metrics_json(metrics: Metrics) -> dict[str, Any]:
-    from dataclasses import asdict
+def _previous_verdict(connection: Any, phase_id: int) -> str | None:
+    """The verdict of the phase's last evaluation (``phase.evaluations.order_by(
+    "-evaluated_at", "-id")``'s first)."""
 
-    return asdict(metrics)
+    def build() -> str:
+        qn = connection.ops.quote_name
+        return (
+            f"SELECT {qn('verdict')} FROM {qn(GateEvaluation._meta.db_table)}"
+            f" WHERE {qn('phase_id')} = %s ORDER BY {qn('evaluated_at')} DESC, {qn('id')} DESC"
+            " LIMIT 1"
+        )
+
+    with connection.cursor() as cursor:
+        cursor.execute(services.sql_once(connection, ("previous_verdict",), build), [phase_id])
+        row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def _metrics_json(metrics: Metrics) -> dict[str, Any]:
+    """``dataclasses.asdict`` of the (flat) metrics."""
+    return {name: getattr(metrics, name) for name in METRIC_NAMES}
 
 
 def _decision(rollout: Rollout, phase: Phase, verdict: Verdict, now: datetime) -> Decision:

@@ -352,16 +352,22 @@ class ModelRows:
 
     def insert(self, connection: Any, values: Mapping[str, Any]) -> int:
         """INSERT one row (``values`` by attname, the others are not written); its id."""
-        qn = connection.ops.quote_name
         fields = [f for f in self.fields if f.attname in values]
         params = [f.get_db_prep_save(values[f.attname], connection) for f in fields]
-        pk = qn(self.model._meta.pk.column)
-        sql = "INSERT INTO {} ({}) VALUES ({})".format(
-            qn(self.table), ", ".join(qn(f.column) for f in fields), ", ".join(["%s"] * len(fields))
-        )
         returning = connection.features.can_return_columns_from_insert
+
+        def build() -> str:
+            qn = connection.ops.quote_name
+            sql = "INSERT INTO {} ({}) VALUES ({})".format(
+                qn(self.table),
+                ", ".join(qn(f.column) for f in fields),
+                ", ".join(["%s"] * len(fields)),
+            )
+            return f"{sql} RETURNING {qn(self.model._meta.pk.column)}" if returning else sql
+
+        sql = sql_once(connection, (self.table, "insert", *(f.attname for f in fields)), build)
         with connection.cursor() as cursor:
-            cursor.execute(f"{sql} RETURNING {pk}" if returning else sql, params)
+            cursor.execute(sql, params)
             if returning:
                 return cursor.fetchone()[0]
             return connection.ops.last_insert_id(cursor, self.table, self.model._meta.pk.column)
@@ -369,15 +375,29 @@ class ModelRows:
     def update(self, connection: Any, instance: Any, attnames: list[str]) -> None:
         """UPDATE the instance's row with its values of ``attnames`` (as ``save(update_fields=
         ...)`` of an existing row)."""
-        qn = connection.ops.quote_name
         fields = [f for f in self.fields if f.attname in attnames]
         params = [f.get_db_prep_save(getattr(instance, f.attname), connection) for f in fields]
-        sets = ", ".join(f"{qn(f.column)} = %s" for f in fields)
-        pk = qn(self.model._meta.pk.column)
+
+        def build() -> str:
+            qn = connection.ops.quote_name
+            sets = ", ".join(f"{qn(f.column)} = %s" for f in fields)
+            return f"UPDATE {qn(self.table)} SET {sets} WHERE {qn(self.model._meta.pk.column)} = %s"
+
+        sql = sql_once(connection, (self.table, "update", *(f.attname for f in fields)), build)
         with connection.cursor() as cursor:
-            cursor.execute(
-                f"UPDATE {qn(self.table)} SET {sets} WHERE {pk} = %s", [*params, instance.pk]
-            )
+            cursor.execute(sql, [*params, instance.pk])
+
+
+_SQL: dict[tuple[Any, ...], str] = {}
+
+
+def sql_once(connection: Any, key: tuple[Any, ...], build: Callable[[], str]) -> str:
+    """The SQL ``build()`` writes for ``key``, written once per database and backend."""
+    full = (connection.alias, connection.vendor, *key)
+    sql = _SQL.get(full)
+    if sql is None:
+        sql = _SQL[full] = build()
+    return sql
 
 
 ROLLOUT_ROWS = ModelRows(Rollout, "r")
@@ -394,13 +414,18 @@ def lock_rollout(rollout_id: int) -> Rollout:
     the rollout and its deployment, their rows locked (PostgreSQL) until the end of the
     transaction."""
     connection = transaction.get_connection()
-    qn = connection.ops.quote_name
-    sql = (
-        f"SELECT {ROLLOUT_ROWS.columns(connection)}, {DEPLOYMENT_ROWS.columns(connection)}"
-        f" FROM {qn(Rollout._meta.db_table)} r"
-        f" INNER JOIN {qn(Deployment._meta.db_table)} d ON d.{qn('id')} = r.{qn('deployment_id')}"
-        f" WHERE r.{qn('id')} = %s{for_update(connection)}"
-    )
+
+    def build() -> str:
+        qn = connection.ops.quote_name
+        return (
+            f"SELECT {ROLLOUT_ROWS.columns(connection)}, {DEPLOYMENT_ROWS.columns(connection)}"
+            f" FROM {qn(Rollout._meta.db_table)} r"
+            f" INNER JOIN {qn(Deployment._meta.db_table)} d"
+            f" ON d.{qn('id')} = r.{qn('deployment_id')}"
+            f" WHERE r.{qn('id')} = %s{for_update(connection)}"
+        )
+
+    sql = sql_once(connection, ("lock_rollout",), build)
     with connection.cursor() as cursor:
         cursor.execute(sql, [rollout_id])
         row = cursor.fetchone()
@@ -434,11 +459,15 @@ def current_phase(rollout: Rollout) -> Phase | None:
 def read_phase(where: str, params: list[Any], *, lock: bool = False) -> Phase | None:
     """The phase matching ``where`` (on alias ``p``; ``{index}`` is the quoted column)."""
     connection = transaction.get_connection()
-    qn = connection.ops.quote_name
-    sql = (
-        f"SELECT {PHASE_ROWS.columns(connection)} FROM {qn(Phase._meta.db_table)} p"
-        f" WHERE {where.format(index=qn('index'))}{for_update(connection) if lock else ''}"
-    )
+
+    def build() -> str:
+        qn = connection.ops.quote_name
+        return (
+            f"SELECT {PHASE_ROWS.columns(connection)} FROM {qn(Phase._meta.db_table)} p"
+            f" WHERE {where.format(index=qn('index'))}{for_update(connection) if lock else ''}"
+        )
+
+    sql = sql_once(connection, ("read_phase", where, lock), build)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()

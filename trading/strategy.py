@@ -283,7 +283,7 @@ _LAST_SNAPSHOT_SQL = """
 SELECT ts, peak FROM {snapshot} WHERE deployment_id = %s ORDER BY ts DESC, id DESC LIMIT 1
 """
 _SNAPSHOT_TS = EquitySnapshot._meta.get_field("ts")
-_RELOAD_SQL: dict[tuple[str, str], str] = {}
+_RELOAD_SQL: dict[tuple[str, ...], str] = {}
 
 
 def _reload_sql(connection: Any, template: str) -> str:
@@ -299,6 +299,46 @@ def _reload_sql(connection: Any, template: str) -> str:
             entry=execution.ENTRY,
         )
     return sql
+
+
+_SIGNAL_FIELDS = Signal._meta.concrete_fields
+_SIGNAL_CONVERTERS: dict[tuple[str, str], list[tuple[int, list[Any], Any]]] = {}
+
+
+def _stored_signal(deployment: Deployment, candle: Candle) -> Signal:
+    """``Signal.objects.get(deployment=deployment, candle=candle)`` with its SQL written
+    once, the values turned as the ORM turns them (the backend's and fields' converters)."""
+    if candle.pk is None:
+        return Signal.objects.get(deployment=deployment, candle=candle)
+    connection = transaction.get_connection()
+    key = (connection.alias, connection.vendor)
+    sql = _RELOAD_SQL.get(("signal", *key))
+    converters = _SIGNAL_CONVERTERS.get(key)
+    if sql is None or converters is None:
+        qn = connection.ops.quote_name
+        sql = _RELOAD_SQL[("signal", *key)] = "SELECT {} FROM {} WHERE {} = %s AND {} = %s".format(
+            ", ".join(qn(f.column) for f in _SIGNAL_FIELDS),
+            qn(Signal._meta.db_table),
+            qn("deployment_id"),
+            qn("candle_id"),
+        )
+        converters = []
+        for i, f in enumerate(_SIGNAL_FIELDS):
+            col = f.get_col(Signal._meta.db_table)
+            funcs = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+            if funcs:
+                converters.append((i, funcs, col))
+        _SIGNAL_CONVERTERS[key] = converters
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [deployment.pk, candle.pk])
+        row = cursor.fetchone()
+    if row is None:
+        raise Signal.DoesNotExist("Signal matching query does not exist.")
+    values = list(row)
+    for i, funcs, col in converters:
+        for func in funcs:
+            values[i] = func(values[i], col, connection)
+    return Signal.from_db(connection.alias, [f.attname for f in _SIGNAL_FIELDS], values)
 
 
 @dataclass
@@ -527,7 +567,7 @@ class StreamRunner:
             return signal
         account.flush()
         deployment = account.deployment
-        stored = Signal.objects.get(deployment=deployment, candle=candle) if signal else None
+        stored = _stored_signal(deployment, candle) if signal else None
         if stored is not None:
             stored.candle = candle
         account.decisions += 1
