@@ -60,6 +60,30 @@ def test_valid_batch_is_stored_with_close_time_and_stream_freshness(client):
 
 
 @pytest.mark.django_db
+def test_a_token_is_checked_on_every_request(api_token):
+    from django.contrib.auth.models import User
+    from rest_framework.authtoken.models import Token
+
+    key = api_token("feed", "Ops")
+    c = APIClient()
+    c.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+    assert post(c, [candle()]).status_code == 201
+    event = AuditEvent.objects.get(action="candles.ingest")
+    assert (event.actor, event.actor_user_id) == ("feed", User.objects.get(username="feed").pk)
+
+    User.objects.filter(username="feed").update(is_active=False)
+    response = post(c, [candle(open_time_ms=1515560400000)])
+    assert response.status_code == 401
+    assert response.json()["detail"] == "User inactive or deleted."
+
+    Token.objects.filter(key=key).delete()
+    response = post(c, [candle(open_time_ms=1515560400000)])
+    assert response.status_code == 401
+    assert response.json()["detail"] == "Invalid token."
+    assert Candle.objects.count() == 1
+
+
+@pytest.mark.django_db
 def test_wrapped_form_is_accepted(client):
     assert post(client, {"candles": [candle()]}).status_code == 201
 
@@ -175,6 +199,34 @@ def test_exactly_1000_candles_are_accepted(client):
     items = [candle(open_time_ms=1515560100000 + i * 300_000) for i in range(1000)]
     assert post(client, items).status_code == 201
     assert Candle.objects.count() == 1000
+
+
+@pytest.mark.django_db
+def test_the_ids_answered_are_those_of_the_candles_in_the_order_posted(client):
+    """A batch larger than one INSERT statement's rows, over two streams, in no order."""
+    times = [1515560100000 + i * 300_000 for i in range(700)]
+    items = [
+        candle(open_time_ms=t, symbol="LTC/BTC" if i % 3 else "ETH/BTC", volume=float(i))
+        for i, t in enumerate(reversed(times))
+    ]
+    response = post(client, items)
+    assert response.status_code == 201
+    ids = response.json()["ids"]
+    assert len(ids) == 700
+    stored = Candle.objects.in_bulk(ids)
+    for pk, item in zip(ids, items, strict=True):
+        row = stored[pk]
+        assert (row.symbol, row.open_time_ms, row.volume) == (
+            item["symbol"],
+            item["open_time_ms"],
+            item["volume"],
+        )
+        assert row.close_time_ms == item["open_time_ms"] + 300_000 - 1
+        assert (row.source, row.processed_at is None or row.processed_at >= row.ingested_at) == (
+            "api",
+            True,
+        )
+    assert response.json()["late"] == 0, "a batch is taken in open-time order"
 
 
 @pytest.mark.django_db
