@@ -103,6 +103,37 @@ class RequestMeta:
         return cls(ip=meta.get("REMOTE_ADDR"), user_agent=meta.get("HTTP_USER_AGENT", "")[:300])
 
 
+def audit_event(
+    *,
+    action: str,
+    actor: Any = None,
+    target: Any = None,
+    target_type: str = "",
+    target_id: Any = "",
+    payload: dict | None = None,
+    request: Any = None,
+) -> AuditEvent:
+    """The event ``audit_record`` appends, not yet chained (no seq, no hashes)."""
+    if target is not None:
+        target_type = target_type or target._meta.label
+        target_id = target_id or target.pk
+    user = actor if getattr(actor, "is_authenticated", False) else None
+    actor_name = user.get_username() if user else (str(actor) if actor else "system")
+    meta = RequestMeta.from_request(request)
+    clean = json.loads(json.dumps(_scrub(payload or {}), cls=DjangoJSONEncoder))
+    return AuditEvent(
+        created_at=timezone.now(),
+        actor_user=user,
+        actor=actor_name[:150],
+        action=action,
+        target_type=target_type,
+        target_id=str(target_id)[:100],
+        payload=clean,
+        ip=meta.ip,
+        user_agent=meta.user_agent,
+    )
+
+
 def audit_record(
     *,
     action: str,
@@ -117,25 +148,10 @@ def audit_record(
     the change it records); the chain head row is locked to keep the chain linear.
     No savepoint: a failed audit write dooms the caller's transaction, it cannot be
     caught and carried on from."""
-    if target is not None:
-        target_type = target_type or target._meta.label
-        target_id = target_id or target.pk
-    user = actor if getattr(actor, "is_authenticated", False) else None
-    actor_name = user.get_username() if user else (str(actor) if actor else "system")
-    meta = RequestMeta.from_request(request)
-    clean = json.loads(json.dumps(_scrub(payload or {}), cls=DjangoJSONEncoder))
-    created_at = timezone.now()
-    event = AuditEvent(
-        created_at=created_at,
-        actor_user=user,
-        actor=actor_name[:150],
-        action=action,
-        target_type=target_type,
-        target_id=str(target_id)[:100],
-        payload=clean,
-        ip=meta.ip,
-        user_agent=meta.user_agent,
-    )
+    event = audit_event(
+        action=action, actor=actor, target=target, target_type=target_type,
+        target_id=target_id, payload=payload, request=request,
+    )  # fmt: skip
     with transaction.atomic(savepoint=False):
         connection = transaction.get_connection()
         if connection.vendor == "postgresql" and _append_postgresql(connection, event):
@@ -149,30 +165,41 @@ def audit_record(
     return event
 
 
-# PostgreSQL: one statement advances the chain head (locking its row until the caller's
+# PostgreSQL: one statement advances the chain head (locking its row until the
 # transaction ends), hashes the event with the seq it assigns, and inserts the event: one
 # round trip, and the lock is taken no earlier than the audit write itself (audit writes
 # sit on every money path and on ingestion; the head is where concurrent writers queue).
 # The hash is sha256(prev_hash + canonical JSON) as ``event_hash`` computes it.
-_PG_APPEND_SQL = f"""
-WITH h AS (
+# ``{when}``: an SQL condition the append waits on (another CTE's outcome, when a caller
+# embeds these CTEs in its own statement: ``audit_append_ctes``).
+_PG_APPEND_CTES = f"""
+audit_head AS (
     UPDATE {AuditChainHead._meta.db_table}
     SET prev_hash = hash,
         seq = seq + 1,
         hash = encode(sha256(convert_to(hash || %s || (seq + 1)::text || %s, 'UTF8')), 'hex')
-    WHERE id = 1
+    WHERE id = 1 AND {{when}}
     RETURNING seq, prev_hash, hash
+), audit_event AS (
+    INSERT INTO {AuditEvent._meta.db_table}
+        (seq, created_at, actor_user_id, actor, action, target_type, target_id, payload,
+         ip, user_agent, prev_hash, hash)
+    SELECT h.seq, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::inet, %s, h.prev_hash, h.hash
+    FROM audit_head h
+    RETURNING id, seq, prev_hash, hash
+)"""
+_PG_APPEND_SQL = (
+    f"WITH {_PG_APPEND_CTES.format(when='TRUE')} SELECT id, seq, prev_hash, hash FROM audit_event"
 )
-INSERT INTO {AuditEvent._meta.db_table}
-    (seq, created_at, actor_user_id, actor, action, target_type, target_id, payload,
-     ip, user_agent, prev_hash, hash)
-SELECT h.seq, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::inet, %s, h.prev_hash, h.hash FROM h
-RETURNING id, seq, prev_hash, hash
-"""
+AUDIT_HEAD_EXISTS = f"EXISTS (SELECT 1 FROM {AuditChainHead._meta.db_table} WHERE id = 1)"
 
 
-def _append_postgresql(connection: Any, event: AuditEvent) -> bool:
-    """Append ``event`` (seq and hashes filled in); False when there is no head row yet."""
+def audit_append_ctes(event: AuditEvent, *, when: str) -> tuple[str, list[Any]]:
+    """PostgreSQL: the CTEs ``audit_head`` and ``audit_event`` that append ``event`` when
+    the SQL condition ``when`` holds, and their parameters, for a caller to run in the
+    statement that makes the change they record; ``audit_event`` returns (id, seq,
+    prev_hash, hash) for ``audit_appended``. Nothing is appended without a head row:
+    callers condition their change on ``AUDIT_HEAD_EXISTS`` too."""
     before, after = canonical_around_seq(
         created_at=event.created_at,
         actor=event.actor,
@@ -185,20 +212,30 @@ def _append_postgresql(connection: Any, event: AuditEvent) -> bool:
         user_agent=event.user_agent,
     )
     payload = json.dumps(event.payload, cls=DjangoJSONEncoder)
+    params = [
+        before, after, event.created_at, event.actor_user_id, event.actor, event.action,
+        event.target_type, event.target_id, payload, event.ip, event.user_agent,
+    ]  # fmt: skip
+    return _PG_APPEND_CTES.format(when=when), params
+
+
+def audit_appended(event: AuditEvent, row: Any, alias: str = "default") -> AuditEvent:
+    """``event`` as stored: (id, seq, prev_hash, hash) from ``audit_event``."""
+    event.pk, event.seq, event.prev_hash, event.hash = row
+    event._state.adding = False
+    event._state.db = alias
+    return event
+
+
+def _append_postgresql(connection: Any, event: AuditEvent) -> bool:
+    """Append ``event`` (seq and hashes filled in); False when there is no head row yet."""
+    _, params = audit_append_ctes(event, when="TRUE")
     with connection.cursor() as cursor:
-        cursor.execute(
-            _PG_APPEND_SQL,
-            [
-                before, after, event.created_at, event.actor_user_id, event.actor, event.action,
-                event.target_type, event.target_id, payload, event.ip, event.user_agent,
-            ],
-        )  # fmt: skip
+        cursor.execute(_PG_APPEND_SQL, params)
         row = cursor.fetchone()
     if row is None:
         return False
-    event.pk, event.seq, event.prev_hash, event.hash = row
-    event._state.adding = False
-    event._state.db = connection.alias
+    audit_appended(event, row, connection.alias)
     return True
 
 

@@ -12,14 +12,16 @@ Every order follows the same path:
 3. **Validation** against the market's filters (``exchange.validate_order``): non-positive
    size, unknown symbol, below min quantity / notional, off the step -> an Order row with
    status REJECTED, the reason in ``error`` and ``submitted_at`` empty (never sent).
-4. **Persist** the Order (PENDING, deterministic client order id) and its audit record,
-   and commit, before any exchange call.
+4. **Persist** the Order (PENDING, deterministic client order id), committed, before any
+   exchange call (one INSERT; a sent order is audited once, with its outcome).
 5. **Place** through the adapter, outside any transaction. The adapter never retries a
    placement blindly: after a timeout/5xx it looks the order up by client order id.
    ``OrderStatusUnknown`` -> status UNKNOWN, ``critical=True``, a critical alert, and this
    deployment places nothing more until ``order_resolve``/reconciliation settles it.
 6. **Record** in one transaction: status, fills (``Fill`` rows), position, cash, an equity
-   snapshot when something filled, and the audit record.
+   snapshot when something filled, and the audit record. On PostgreSQL the common case (a
+   fill, the position row as read before the order) is a single statement that commits
+   on its own (``portfolio.fill_record_claimed``): the order path is three statements.
 
 What an Order row holds (for metrics): ``requested_qty``, ``filled_qty``,
 ``reference_price`` (the signal's close for entries, the ticker for closes),
@@ -52,7 +54,7 @@ from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
-from audit.services import audit_record
+from audit.services import audit_event, audit_record
 from canary.killswitch import KillSwitchUnreadable, allows, read_state
 
 from . import portfolio
@@ -671,17 +673,10 @@ def _apply_outcome(
 
 
 def _record_effects(
-    order: Order,
-    fill: _NewFill | None,
-    deployment: Deployment | None,
-    ts: datetime,
-    *,
-    audit_fill: float | None = None,
+    order: Order, fill: _NewFill | None, deployment: Deployment | None, ts: datetime
 ) -> None:
     """What a recorded outcome writes besides the order row (in the caller's transaction):
-    the fill, position and cash, an equity snapshot, the UNKNOWN alert, the audit record.
-    ``audit_fill``: the fill was already written (``portfolio.fill_record_claimed``), this
-    much of it."""
+    the fill, position and cash, an equity snapshot, the UNKNOWN alert, the audit record."""
     if fill is not None:
         books = getattr(deployment, "books", None) or {}
         portfolio.fill_record(
@@ -699,14 +694,16 @@ def _record_effects(
     if order.status == OrderStatus.UNKNOWN:
         _alert_unknown(order)
     # Last: the audit chain's head stays locked from here to the commit.
-    audit_record(
-        action=f"order.{order.status.lower()}",
-        actor=ACTOR,
-        target=order,
-        payload=_audit_payload(
-            order, audit_fill if audit_fill is not None else fill.qty if fill is not None else 0.0
-        ),
-    )
+    audit_record(**_order_audit(order, fill.qty if fill is not None else 0.0))
+
+
+def _order_audit(order: Order, filled: float) -> dict[str, Any]:
+    return {
+        "action": f"order.{order.status.lower()}",
+        "actor": ACTOR,
+        "target": order,
+        "payload": _audit_payload(order, filled),
+    }
 
 
 def order_record(
@@ -740,27 +737,28 @@ def _record_sent(
     the row is claimed by a conditional update (still PENDING, never recorded) instead of
     a locking read. If anything recorded it meanwhile (a reconciliation), the locked path
     records this outcome over it, as ``order_record`` does."""
+    fill = _apply_outcome(order, outcome, submitted_at, latency_ms)
+    ts = order.acked_at or submitted_at
+    known = (getattr(deployment, "books", None) or {}).get(order.symbol)
+    if fill is not None and known is not None and connection.vendor == "postgresql":
+        claim = portfolio.fill_record_claimed(
+            order=order,
+            pending=OrderStatus.PENDING,
+            recorded={_COLUMNS[name]: getattr(order, name) for name in RECORDED_FIELDS},
+            qty=fill.qty,
+            price=fill.price,
+            fee_quote=fill.fee_quote,
+            base_fee=fill.base_fee,
+            ts=ts,
+            known=known,
+            audit=audit_event(**_order_audit(order, fill.qty)),
+        )
+        if claim.written:
+            return order
+        # Not written: the position moved since it was read (its row is read locked
+        # below), or the order was recorded meanwhile (the locked path records it again).
+        deployment.books.pop(order.symbol, None)  # type: ignore[union-attr]
     with transaction.atomic():
-        fill = _apply_outcome(order, outcome, submitted_at, latency_ms)
-        ts = order.acked_at or submitted_at
-        known = (getattr(deployment, "books", None) or {}).get(order.symbol)
-        if fill is not None and known is not None and connection.vendor == "postgresql":
-            claim = portfolio.fill_record_claimed(
-                order=order,
-                pending=OrderStatus.PENDING,
-                recorded={_COLUMNS[name]: getattr(order, name) for name in RECORDED_FIELDS},
-                qty=fill.qty,
-                price=fill.price,
-                fee_quote=fill.fee_quote,
-                base_fee=fill.base_fee,
-                ts=ts,
-                known=known,
-            )
-            if claim.written:
-                _record_effects(order, None, deployment, ts, audit_fill=fill.qty)
-                return order
-            # The position moved since it was read: its row is read locked below.
-            deployment.books.pop(order.symbol, None)  # type: ignore[union-attr]
         claimed = update_rows(
             Order,
             {"id": order.pk, "status": OrderStatus.PENDING, "submitted_at": None},

@@ -145,10 +145,13 @@ def _position_swap(
 # PostgreSQL, the order router's common case (a fill of an order it persisted PENDING just
 # before sending, on a symbol whose position row it read before): in one statement, claim
 # the order (still PENDING, never recorded) and the position (still holding what was
-# read), both locked; only when both hold, record the order's outcome, the Fill, the
-# position, the cash and the equity snapshot (the traded symbol's new value plus the other
-# positions; the peak from the last snapshot, else the starting cash). Nothing is written
-# when either claim fails: the caller then takes the general path.
+# read), both locked; only when both hold (and the audit chain has its head row), record
+# the order's outcome, the Fill, the position, the cash, the equity snapshot (the traded
+# symbol's new value plus the other positions; the peak from the last snapshot, else the
+# starting cash) and the audit record (``audit.services.audit_append_ctes``). Nothing is
+# written when a claim fails: the caller then takes the general path. Run outside a
+# transaction, the statement is its own: one round trip, the audit head locked only
+# while it runs.
 _FILL_RECORD_PG_SQL = """
 WITH chk AS (
     SELECT (SELECT id FROM {order} WHERE id = %s AND status = %s AND submitted_at IS NULL
@@ -156,7 +159,7 @@ WITH chk AS (
            (SELECT id FROM {position} WHERE deployment_id = %s AND symbol = %s AND qty = %s
             AND avg_entry = %s AND realised_pnl = %s FOR UPDATE) AS pid
 ), ok AS (
-    SELECT oid, pid FROM chk WHERE oid IS NOT NULL AND pid IS NOT NULL
+    SELECT oid, pid FROM chk WHERE oid IS NOT NULL AND pid IS NOT NULL AND {head_exists}
 ), o AS (
     UPDATE {order} SET {order_set} WHERE id = (SELECT oid FROM ok) RETURNING id
 ), f AS (
@@ -187,8 +190,10 @@ WITH chk AS (
            CASE WHEN top > 0 THEN LEAST(0.0, (equity / top - 1.0) * 100.0) ELSE 0.0 END
     FROM y
     RETURNING id
-)
-SELECT (SELECT oid FROM chk), (SELECT pid FROM chk), (SELECT id FROM f), (SELECT id FROM s)
+), {audit}
+SELECT (SELECT oid FROM chk), (SELECT pid FROM chk), (SELECT id FROM f), (SELECT id FROM s),
+       e.id, e.seq, e.prev_hash, e.hash
+FROM (SELECT 1) one LEFT JOIN audit_event e ON TRUE
 """
 
 
@@ -201,6 +206,7 @@ class FillClaim:
     position_same: bool
     fill_id: int | None
     snapshot_id: int | None
+    audit: Any = None  # the AuditEvent appended
 
     @property
     def written(self) -> bool:
@@ -218,16 +224,20 @@ def fill_record_claimed(
     base_fee: float,
     ts: datetime,
     known: Book,
+    audit: Any,
 ) -> FillClaim:
     """PostgreSQL only (``_FILL_RECORD_PG_SQL``): the order's ``recorded`` fields (column ->
-    value), its fill, position, cash and an equity snapshot in one statement, if the order
-    is still ``pending`` and never submitted and its position row still holds ``known``.
-    Call inside the caller's transaction."""
+    value), its fill, position, cash, an equity snapshot and the ``audit`` event (from
+    ``audit.services.audit_event``) in one statement, if the order is still ``pending``
+    and never submitted and its position row still holds ``known``."""
+    from audit.services import AUDIT_HEAD_EXISTS, audit_append_ctes, audit_appended
+
     signed, trade_price, trade_fee = _effective_trade(order.side, qty, price, fee_quote, base_fee)
     book = apply_trade(known, signed, trade_price, trade_fee)
     quote_fee = fee_quote - base_fee * price
     cash_delta = (-qty if order.side == "buy" else qty) * price - quote_fee
     columns = list(recorded)
+    audit_sql, audit_params = audit_append_ctes(audit, when="EXISTS (SELECT 1 FROM f)")
     sql = _FILL_RECORD_PG_SQL.format(
         order=Order._meta.db_table,
         position=Position._meta.db_table,
@@ -235,6 +245,8 @@ def fill_record_claimed(
         deployment=Deployment._meta.db_table,
         snapshot=EquitySnapshot._meta.db_table,
         order_set=", ".join(f"{connection.ops.quote_name(c)} = %s" for c in columns),
+        head_exists=AUDIT_HEAD_EXISTS,
+        audit=audit_sql,
     )
     params = [
         order.pk, pending,
@@ -244,11 +256,15 @@ def fill_record_claimed(
         book.qty, book.avg_entry, book.realised, price, timezone.now(),
         cash_delta, order.deployment_id,
         ts,
+        *audit_params,
     ]  # fmt: skip
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        oid, pid, fill_id, snapshot_id = cursor.fetchone()
-    return FillClaim(oid is not None, pid is not None, fill_id, snapshot_id)
+        oid, pid, fill_id, snapshot_id, *event = cursor.fetchone()
+    if fill_id is None:
+        return FillClaim(oid is not None, pid is not None, None, None)
+    appended = audit_appended(audit, event, connection.alias)
+    return FillClaim(True, True, fill_id, snapshot_id, appended)
 
 
 def positions_mark(*, deployment_id: int, symbol: str, price: float) -> int:

@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from audit.models import AuditEvent
+from audit.services import audit_verify
 from tests.trading.test_execution import ETH, LTC, T0, TF_MS, make_candle, make_deployment
 from trading import portfolio
 from trading.models import Deployment, EquitySnapshot, Order, Position
@@ -205,11 +207,14 @@ def _claim(order: Order, known: Book, **kw):
 
     fields = {"qty": 0.1, "price": 0.06, "fee_quote": 0.00001, "base_fee": 0.0, "ts": NOW}
     fields.update(kw)
+    from audit.services import audit_event
+
     return portfolio.fill_record_claimed(
         order=order,
         pending=OrderStatus.PENDING,
         recorded={"status": "FILLED", "submitted_at": NOW, "filled_qty": fields["qty"]},
         known=known,
+        audit=audit_event(action="order.filled", actor="tester", target=order, payload={"q": 1}),
         **fields,
     )
 
@@ -250,6 +255,9 @@ def test_the_one_statement_fill_writes_what_the_general_path_writes(side, qty):
         if one_statement:
             claim = _claim(order, known, qty=qty)
             assert claim.written and claim.snapshot_id is not None
+            stored_event = AuditEvent.objects.get(target_id=str(order.pk))
+            assert (stored_event.pk, stored_event.hash) == (claim.audit.pk, claim.audit.hash)
+            assert stored_event.action == "order.filled" and audit_verify() is None
             stored = Order.objects.get(pk=order.pk)
             assert (stored.status, stored.submitted_at, stored.filled_qty) == ("FILLED", NOW, qty)
             assert list(stored.fills.values_list("qty", "price", "fee", "ts")) == [
@@ -283,6 +291,7 @@ def test_the_one_statement_fill_writes_nothing_when_the_position_moved_or_the_or
     assert (recorded.order_free, recorded.position_same, recorded.written) == (False, True, False)
 
     assert not order.fills.exists()
+    assert not AuditEvent.objects.filter(target_id=str(order.pk)).exists()
     assert not EquitySnapshot.objects.filter(deployment=dep).exists()
     assert Position.objects.get(deployment=dep, symbol=ETH).qty == 0.5
     assert Deployment.objects.get(pk=dep.pk).cash == 1.0
