@@ -1062,8 +1062,10 @@ def phase_extend(
     actor: Any = SYSTEM_ACTOR,
 ) -> Phase:
     """WARNING or INCONCLUSIVE at the end: the phase runs ``extension_s`` longer. Counts
-    WARNINGs in a row (an INCONCLUSIVE breaks the row)."""
-    with transaction.atomic():
+    WARNINGs in a row (an INCONCLUSIVE breaks the row). No savepoint inside a caller's
+    transaction (the monitor step's): a failure here fails that step, as its audit record's
+    would."""
+    with transaction.atomic(savepoint=False):
         locked = read_phase("p.id = %s", [phase.pk], lock=True)
         if locked is None:
             raise Phase.DoesNotExist("Phase matching query does not exist.")

@@ -202,9 +202,8 @@ class Command(BaseCommand):
         if database["ENGINE"] != "django.db.backends.sqlite3" or str(database["NAME"]) != expected:
             raise CommandError("refusing to rehearse outside the throwaway database", returncode=2)
         call_command("migrate", verbosity=0, interactive=False)
-        with connection.cursor() as cursor:  # a throwaway file: no sync to disk, no journal file
+        with connection.cursor() as cursor:  # a throwaway file: no sync to disk
             cursor.execute("PRAGMA synchronous=OFF")
-            cursor.execute("PRAGMA journal_mode=MEMORY")
         # No SQL query log even with DEBUG on (as in production): the log costs CPU on every
         # statement (on SQLite a second statement to quote the parameters) and nothing in
         # a rehearsal reads it.
