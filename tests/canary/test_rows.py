@@ -1,0 +1,118 @@
+"""The monitor step's reads and writes with SQL written once (``canary.services.ModelRows``):
+the same instances and rows as the ORM's, and a bounded number of statements per step."""
+
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+
+from canary import services
+from canary.metrics import phase_metrics
+from canary.models import GateEvaluation, Phase, Rollout
+from canary.monitor import monitor_step
+from trading.models import Deployment, MarketStream
+
+from .factories import (  # noqa: F401
+    T0,
+    at,
+    fast_passwords,
+    healthy_orders,
+    make_deployment,
+    touch_stream,
+)
+from .test_monitor import start
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_passwords")]
+
+
+def values(instance):
+    return {f.attname: getattr(instance, f.attname) for f in type(instance)._meta.concrete_fields}
+
+
+def test_locked_rollout_and_its_deployment_are_the_orm_instances(make_user):
+    rollout = start(make_user, thresholds={"min_orders": 3, "phase_targets": {"1": {}}})
+    Rollout.objects.filter(pk=rollout.pk).update(ended_at=at(5), state_reason="é ✓")
+    with transaction.atomic():
+        locked = services.lock_rollout(rollout.pk)
+    orm = Rollout.objects.select_related("deployment").get(pk=rollout.pk)
+    assert values(locked) == values(orm)
+    assert values(locked.deployment) == values(orm.deployment)
+    assert locked.thresholds["min_orders"] == 3 and isinstance(locked.thresholds, dict)
+    assert locked.ended_at == at(5) and locked.ended_at.tzinfo is not None
+    assert not locked._state.adding
+    with transaction.atomic(), pytest.raises(Rollout.DoesNotExist):
+        services.lock_rollout(rollout.pk + 1000)
+
+
+def test_current_phase_and_its_update_match_the_orm(make_user):
+    rollout = start(make_user)
+    phase = services.current_phase(rollout)
+    orm = Phase.objects.get(rollout=rollout, index=1)
+    assert values(phase) == values(orm)
+    phase.ends_at = orm.ends_at + timedelta(seconds=90)
+    phase.extensions = 7
+    with transaction.atomic():
+        services.PHASE_ROWS.update(transaction.get_connection(), phase, ["ends_at", "extensions"])
+    orm.refresh_from_db()
+    assert (orm.ends_at, orm.extensions, orm.consecutive_warnings) == (phase.ends_at, 7, 0)
+    rollout.current_phase = 0
+    assert services.current_phase(rollout) is None
+
+
+def test_an_evaluation_row_written_by_the_step_reads_back_as_written(make_user):
+    rollout = start(make_user, thresholds={"min_orders": 3})
+    healthy_orders(rollout.deployment, 5, start=at(1))
+    MarketStream.objects.create(exchange="paper", symbol="ETH/BTC", timeframe="5m")
+    result = monitor_step(rollout_id=rollout.pk, now=at(30))
+    evaluation = GateEvaluation.objects.get(pk=result.evaluation_id)
+    assert evaluation.rollout_id == rollout.pk
+    assert evaluation.phase == Phase.objects.get(rollout=rollout, index=1)
+    assert evaluation.evaluated_at == at(30)
+    assert evaluation.verdict == result.verdict
+    assert evaluation.reasons == result.reasons
+    assert evaluation.action == result.action == "NONE"
+    assert evaluation.metrics["orders"] == 5
+    assert evaluation.metrics["stream_gap_s"] == 30.0  # a stream never heard of: since
+
+
+def test_extension_moves_the_phase_end_and_counts(make_user):
+    rollout = start(make_user)
+    touch_stream(when=at(60))
+    result = monitor_step(rollout_id=rollout.pk, now=at(60))  # no orders at the end: extend
+    assert (result.verdict, result.action) == ("INCONCLUSIVE", "EXTEND")
+    phase = Phase.objects.get(rollout=rollout, index=1)
+    assert (phase.extensions, phase.consecutive_warnings) == (1, 0)
+    assert phase.ends_at == at(60 + phase.extension_s)
+
+
+def test_a_step_without_action_costs_a_fixed_number_of_statements(
+    make_user, django_assert_max_num_queries
+):
+    rollout = start(make_user)
+    healthy_orders(rollout.deployment, 40, start=at(1))
+    touch_stream(when=at(20))
+    monitor_step(rollout_id=rollout.pk, now=at(10))
+    # lock, phase and rollback to join, metrics (+ the percentile on SQLite), evaluation,
+    # and the (nested) transaction's savepoint and release
+    with django_assert_max_num_queries(7):
+        result = monitor_step(rollout_id=rollout.pk, now=at(20))
+    assert result.action == "NONE"
+
+
+def test_stream_gap_counts_each_symbol_once_and_a_stream_without_a_candle_from_since():
+    deployment = make_deployment(symbols=("ETH/BTC", "ETH/BTC", "LTC/BTC", 7))
+    MarketStream.objects.create(
+        exchange="paper", symbol="ETH/BTC", timeframe="5m", last_received_at=at(3590)
+    )
+    MarketStream.objects.create(
+        exchange="binance", symbol="ETH/BTC", timeframe="5m", last_received_at=at(3000)
+    )
+    MarketStream.objects.create(exchange="paper", symbol="LTC/BTC", timeframe="5m")
+    m = phase_metrics(deployment=deployment, since=at(1000), now=at(3600))
+    assert m.stream_gap_s == 2600.0  # LTC/BTC: no candle yet, counted from since
+    MarketStream.objects.filter(symbol="LTC/BTC").update(last_received_at=at(3599))
+    m = phase_metrics(deployment=deployment, since=at(1000), now=at(3600))
+    assert m.stream_gap_s == 10.0  # ETH/BTC's last candle on any exchange
+    Deployment.objects.filter(pk=deployment.pk).update(symbols=[])
+    deployment.refresh_from_db()
+    assert phase_metrics(deployment=deployment, since=T0, now=at(10)).stream_gap_s is None
