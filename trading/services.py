@@ -2,16 +2,18 @@
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
+from alerts.selectors import Prepared
 from audit.services import audit_record
 
 from .candles import KEY_FIELDS, FieldError, candle_key, validate_batch
-from .models import Candle, MarketStream
+from .models import Candle, Deployment, MarketStream
 
 
 class CandleBatchInvalid(Exception):
@@ -197,6 +199,26 @@ def _insert(cleaned: list[dict], *, source: str, actor: Any, request: Any) -> In
     return result
 
 
+_WATCHED_TIMEFRAMES = Prepared(
+    lambda: Deployment.objects.filter(signals_enabled=True).order_by().values_list("timeframe")
+)
+
+
+def _queue_strategy(candle_ids: list[int], timeframes: set[str]) -> None:
+    """Queue the strategy step of these candles when a deployment with signals enabled
+    trades one of their timeframes: for the others the step finds no deployment watching
+    (strategy.watchers) and does nothing, so its worker round trip is skipped. Read after
+    the commit, when the step would have been queued; when the read fails, queued anyway."""
+    from .tasks import process_candles_strategy
+
+    try:
+        watched = any(tf in timeframes for (tf,) in _WATCHED_TIMEFRAMES.rows())
+    except DatabaseError:
+        watched = True
+    if watched:
+        process_candles_strategy.delay(candle_ids)
+
+
 def candles_ingest(
     *, items: Any, actor: Any = None, source: str = "api", request: Any = None
 ) -> IngestResult:
@@ -218,11 +240,10 @@ def candles_ingest(
                 if result.to_process:
                     from alerts.tasks import process_candles
 
-                    from .tasks import process_candles_strategy
-
                     ids = result.to_process
+                    timeframes = {item["timeframe"] for item in cleaned}
                     transaction.on_commit(lambda ids=ids: process_candles.delay(ids))
-                    transaction.on_commit(lambda ids=ids: process_candles_strategy.delay(ids))
+                    transaction.on_commit(partial(_queue_strategy, ids, timeframes))
             return result
         except CandleConflict as conflict:
             audit_record(

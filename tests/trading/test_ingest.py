@@ -293,3 +293,31 @@ def test_a_conflict_names_every_stored_value(client):
         "volume": 1820.54,
     }
     assert conflict["received"]["volume"] == 1.0
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("deployment", "queued"),
+    [
+        (None, False),
+        ({"timeframe": "1h"}, False),
+        ({"timeframe": "5m", "signals_enabled": False}, False),
+        ({"timeframe": "5m"}, True),
+    ],
+)
+def test_the_strategy_step_is_queued_when_a_deployment_trades_the_timeframe(
+    client, monkeypatch, deployment, queued
+):
+    from trading.models import Deployment
+    from trading.tasks import process_candles_strategy
+
+    if deployment is not None:
+        Deployment.objects.create(
+            name="d", exchange="paper", symbols=["LTC/BTC"], full_order_notional=0.1, **deployment
+        )
+    sent = []
+    monkeypatch.setattr(process_candles_strategy, "delay", lambda ids: sent.append(ids))
+    response = post(client, [candle()])
+    assert response.status_code == 201
+    assert sent == ([response.json()["ids"]] if queued else [])
+    assert Candle.objects.get().processed_at is not None, "the alerts step runs regardless"
