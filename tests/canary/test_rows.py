@@ -1,12 +1,13 @@
 """The monitor step's reads and writes with SQL written once (``canary.services.ModelRows``):
 the same instances and rows as the ORM's, and a bounded number of statements per step."""
 
+import random
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.db import connections, transaction
 
-from canary import services
+from canary import metrics, services
 from canary.metrics import phase_metrics
 from canary.models import GateEvaluation, Phase, Rollout
 from canary.monitor import monitor_step
@@ -14,6 +15,7 @@ from trading.models import Deployment, MarketStream
 
 from .factories import (  # noqa: F401
     T0,
+    add_equity,
     at,
     fast_passwords,
     healthy_orders,
@@ -92,9 +94,9 @@ def test_a_step_without_action_costs_a_fixed_number_of_statements(
     healthy_orders(rollout.deployment, 40, start=at(1))
     touch_stream(when=at(20))
     monitor_step(rollout_id=rollout.pk, now=at(10))
-    # lock, phase and rollback to join, metrics (+ the percentile on SQLite), evaluation,
-    # and the (nested) transaction's savepoint and release
-    with django_assert_max_num_queries(7):
+    # lock, phase and rollback to join, metrics (on SQLite + the percentile's neighbours
+    # and the drawdown's marks), evaluation, the (nested) transaction's savepoint and release
+    with django_assert_max_num_queries(8):
         result = monitor_step(rollout_id=rollout.pk, now=at(20))
     assert result.action == "NONE"
 
@@ -116,3 +118,29 @@ def test_stream_gap_counts_each_symbol_once_and_a_stream_without_a_candle_from_s
     Deployment.objects.filter(pk=deployment.pk).update(symbols=[])
     deployment.refresh_from_db()
     assert phase_metrics(deployment=deployment, since=T0, now=at(10)).stream_gap_s is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_drawdown_of_fetched_marks_is_the_window_functions(seed):
+    """SQLite computes the drawdown from the fetched marks (canary.metrics.drawdown_ratio):
+    the same value as the SQL window over the same marks (ties in time, marks at or below
+    zero, the last mark before the window's start)."""
+    rng = random.Random(seed)
+    deployment = make_deployment()
+    for i in range(rng.randrange(1, 60)):
+        when = at(rng.choice((-120, -60, 0)) if i < 3 else rng.randrange(0, 3600, 30))
+        equity = rng.choice((0.0, -1.0, 10.0)) if rng.random() < 0.1 else rng.uniform(8, 12)
+        add_equity(deployment, when=when, equity=equity)
+    since, now = at(rng.choice((-60, 0, 30))), at(rng.randrange(600, 3600, 30))
+    connection = connections["default"]
+    ops = connection.ops
+    window = [ops.adapt_datetimefield_value(v) for v in (since, now)]
+    params = [deployment.pk, window[1], deployment.pk, window[0], window[0]]
+    with connection.cursor() as cursor:
+        cursor.execute(metrics._DRAWDOWN_SQL.format(table="trading_equitysnapshot"), params)
+        (expected,) = cursor.fetchone()
+        cursor.execute(metrics._DRAWDOWN_MARKS_SQL.format(table="trading_equitysnapshot"), params)
+        marks = [equity for (equity,) in cursor.fetchall()]
+    assert metrics.drawdown_ratio(marks) == expected
+    got = phase_metrics(deployment=deployment, since=since, now=now).drawdown_pct
+    assert got == metrics._drawdown_pct(expected)
