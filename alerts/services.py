@@ -552,28 +552,30 @@ def stream_process(*, exchange: str, symbol: str, timeframe: str) -> list[Alert]
     """Run the stream's detectors on all its unprocessed in-order candles, in open-time
     order, and record the alerts. Late candles are never processed. A backlog is taken in
     one go (one transaction, one WebSocket broadcast), so a busy worker catches up. Who
-    gets what (silences, recipients, presence) is read before the stream's lock, which
-    is then held for the detection and the writes only."""
+    gets what (silences, recipients, presence) is read only when there are detections:
+    most candles have none."""
     stream = {"exchange": exchange, "symbol": symbol, "timeframe": timeframe}
     specs = selectors.rules_for_stream(symbol, timeframe)
     by_name = {spec.detector: spec for spec in specs}
     detectors = [spec.build() for spec in specs]
-    fan = _Fanout.load() if detectors else None
     with transaction.atomic():
         _lock_stream(exchange, symbol, timeframe)
         pending = _pending(stream)
         if not pending:
             return []
         alerts: list[Alert] = []
-        if fan is not None:
+        fan = None
+        if detectors:
             lookback = max(d.lookback for d in detectors)
             hits = _detect(_stream_candles(stream, pending, lookback), pending, detectors)
             events = [
                 _candle_event(stream, c, det, by_name[det.detector], timezone.now())
                 for c, det in hits
             ]
-            rerun = any(c.alerted for c in pending)
-            alerts = _record_candle_alerts(events, fan, rerun=rerun) if events else []
+            if events:
+                fan = _Fanout.load()
+                rerun = any(c.alerted for c in pending)
+                alerts = _record_candle_alerts(events, fan, rerun=rerun)
         _mark_processed([c.pk for c in pending], timezone.now())
         if fan is not None and alerts:
             _finish(fan)

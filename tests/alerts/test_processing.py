@@ -211,3 +211,31 @@ def test_a_stored_rule_that_cannot_work_is_skipped_not_fatal(ingest, alert_setti
     AlertRule.objects.create(detector="volatility", params={"window": 1})  # bypasses clean()
     ingest(quiet_then_spike())
     assert list(Alert.objects.values_list("detector", flat=True)) == ["volatility"]
+
+
+def test_who_gets_what_is_read_only_for_candles_with_detections(
+    ingest, alert_settings, monkeypatch
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from alerts import presence
+    from alerts.models import Alert
+    from trading.models import Candle
+
+    reads = []
+    live = presence.live_connections
+    monkeypatch.setattr(presence, "live_connections", lambda: reads.append(1) or live())
+    items = quiet_then_spike()
+    with CaptureQueriesContext(connection) as quiet:
+        ingest(items[:-1])
+    assert Candle.objects.filter(processed_at__isnull=False).count() == len(items) - 1
+    assert not Alert.objects.exists()
+    assert not reads
+    assert not [q for q in quiet.captured_queries if "alerts_silence" in q["sql"]]
+
+    with CaptureQueriesContext(connection) as spike:
+        ingest(items[-1:])
+    assert Alert.objects.get().detector == "volatility"
+    assert reads == [1]
+    assert [q for q in spike.captured_queries if "alerts_silence" in q["sql"]]
