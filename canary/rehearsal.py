@@ -381,14 +381,7 @@ class Cadence:
     def phase_changed(self) -> bool:
         """Re-read the current phase (after a step that acted). True when it is a new one:
         a new drawdown window, its marks from the last one at or before the phase start."""
-        phase = services.read_phase(
-            "p.rollout_id = %s AND p.{index} = (SELECT current_phase FROM"
-            f" {Rollout._meta.db_table} WHERE id = %s)",
-            [self.rollout.pk, self.rollout.pk],
-        )
-        index, started, self.ends_at = (
-            (phase.index, phase.started_at, phase.ends_at) if phase is not None else (0, None, None)
-        )
+        index, started, self.ends_at = _current_phase_times(self.rollout.pk)
         if (index, started) == self.phase:
             return False
         self.phase = (index, started)
@@ -444,6 +437,34 @@ class Cadence:
         if self.ends_at is not None and clock >= self.ends_at:
             return True
         return self.last_step is None or (clock - self.last_step).total_seconds() >= self.every_s
+
+
+def _current_phase_times(rollout_id: int) -> tuple[int, datetime | None, datetime | None]:
+    """(index, started_at, ends_at) of the rollout's current phase; (0, None, None) without
+    one. SQL written once, the times turned as the ORM turns them."""
+    connection = transaction.get_connection()
+
+    def build() -> str:
+        qn = connection.ops.quote_name
+        return (
+            f"SELECT p.{qn('index')}, p.started_at, p.ends_at"
+            f" FROM {qn(Phase._meta.db_table)} p INNER JOIN {qn(Rollout._meta.db_table)} r"
+            f" ON r.id = p.rollout_id AND r.current_phase = p.{qn('index')}"
+            " WHERE p.rollout_id = %s"
+        )
+
+    with connection.cursor() as cursor:
+        cursor.execute(services.sql_once(connection, ("cadence_phase",), build), [rollout_id])
+        row = cursor.fetchone()
+    if row is None:
+        return 0, None, None
+    times = []
+    for name, value in (("started_at", row[1]), ("ends_at", row[2])):
+        col = Phase._meta.get_field(name).get_col(Phase._meta.db_table)
+        for convert in connection.ops.get_db_converters(col) + col.get_db_converters(connection):
+            value = convert(value, col, connection)
+        times.append(value)
+    return row[0], times[0], times[1]
 
 
 def run_rollout(
