@@ -29,11 +29,10 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.sessions import InstanceSessionWrapper
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db import DatabaseError, DataError
 
-from audit.permissions import REFUSED, VIEW_DESK, refusal_record
+from audit.permissions import REFUSED, VIEW_DESK, holds, refusal_record
 from trading.candles import storable
 
 from . import presence, selectors, services
@@ -81,17 +80,14 @@ def _unstorable_field(content: dict) -> str | None:
 def _standing(user_pk: Any, token: str | None) -> tuple[Any, int | None, str]:
     """The user as the database has them now, and the close code and reason when they may
     no longer use the desk (None when they may)."""
-    user = get_user_model().objects.filter(pk=user_pk).first()
+    user = selectors.user(user_pk)
     if user is None:
         return None, CLOSE_UNAUTHENTICATED, "the user no longer exists"
     if not user.is_active:
         return user, CLOSE_UNAUTHENTICATED, "the user is no longer active"
-    if token is not None:
-        from rest_framework.authtoken.models import Token
-
-        if not Token.objects.filter(key=token, user_id=user.pk).exists():
-            return user, CLOSE_UNAUTHENTICATED, "the token is no longer valid"
-    if not user.has_perm(VIEW_DESK):
+    if token is not None and not selectors.token_held(token, user.pk):
+        return user, CLOSE_UNAUTHENTICATED, "the token is no longer valid"
+    if not holds(user, VIEW_DESK):  # user.has_perm's answer, in one query
         return user, CLOSE_FORBIDDEN, f"needs the {VIEW_DESK} permission"
     return user, None, ""
 

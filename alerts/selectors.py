@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission, User
 from django.db import connections
 from django.db.models import Exists, OuterRef, Q, QuerySet
+from rest_framework.authtoken.models import Token
 
 from .detectors import DetectorConfigError
 from .models import Alert, AlertRule, Delivery, DeliveryStatus, Silence
@@ -230,6 +232,35 @@ def email_recipients() -> list[Recipient]:
             )
             found.append(Recipient(pk, email, filters))
     return found
+
+
+def _user_row(pk: Any) -> QuerySet:
+    model = get_user_model()
+    return model.objects.filter(pk=pk).values_list(*(f.name for f in model._meta.concrete_fields))
+
+
+_USER = Prepared(_user_row, pk=(1, 2))
+_TOKEN = Prepared(
+    lambda key, user_id: Token.objects.filter(key=key, user_id=user_id).values_list("pk")[:1],
+    key=("sample-a", "sample-b"),
+    user_id=(1, 2),
+)
+
+
+def user(pk: Any) -> Any:
+    """The user as the database has them now (None when deleted), read with SQL compiled
+    once: an open alert socket re-reads its user before each action and every
+    ALERTS_PRESENCE_TTL_S / 3 seconds."""
+    rows = _USER.rows(pk=pk)
+    if not rows:
+        return None
+    model = get_user_model()
+    return model.from_db("default", [f.attname for f in model._meta.concrete_fields], rows[0])
+
+
+def token_held(key: str, user_id: Any) -> bool:
+    """Whether this API token still exists and is this user's."""
+    return bool(_TOKEN.rows(key=key, user_id=user_id))
 
 
 def snapshot(filters: Filters, limit: int = 50) -> list[dict]:
