@@ -14,7 +14,8 @@ the window, flatten orders (the rollback's own) excluded. Definitions:
 - ``slippage_bps``: mean signed slippage (positive = against us).
 - ``confluence_avg``: mean score of the distinct signals that produced the orders.
 - ``drawdown_pct``: worst peak-to-trough fall of equity (snapshots are marked to market) in
-  the window, starting from the last snapshot at or before ``since``; <= 0.
+  the window, starting from the last snapshot at or before ``since``; <= 0 (on SQLite the
+  running peak is taken over the window's marks fetched in order, as the SQL window does).
 - ``error_rate``: errored (ERROR, REJECTED, UNKNOWN) / submitted.
 - ``critical_errors``: orders flagged critical.
 - ``stream_gap_s``: longest current silence among the deployment's market streams (its
