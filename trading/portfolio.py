@@ -146,9 +146,9 @@ def _position_swap(
 # before sending, on a symbol whose position row it read before): in one statement, claim
 # the order (still PENDING, never recorded) and the position (still holding what was
 # read), both locked; only when both hold (and the audit chain has its head row), record
-# the order's outcome, the Fill, the position, the cash, the equity snapshot (the traded
-# symbol's new value plus the other positions; the peak from the last snapshot, else the
-# starting cash) and the audit record (``audit.services.audit_append_ctes``). Nothing is
+# the order's outcome, the Fill, the position, the cash, the equity snapshot (cash and
+# the other positions as the statement's snapshot shows them, with this trade applied;
+# the peak from the last snapshot, else the starting cash) and the audit record (``audit.services.audit_append_ctes``). Nothing is
 # written when a claim fails: the caller then takes the general path. Run outside a
 # transaction, the statement is its own: one round trip, the audit head locked only
 # while it runs.
@@ -174,7 +174,10 @@ WITH chk AS (
     UPDATE {deployment} SET cash = cash + %s WHERE id = %s AND EXISTS (SELECT 1 FROM ok)
     RETURNING id, cash, starting_cash
 ), x AS (
-    SELECT d.id, d.cash,
+    -- One view for the mark: the statement snapshot plus this trade. (The cash that d
+    -- returns is the latest, which may include a fill committed since the snapshot was
+    -- taken whose position the snapshot does not show: a false drawdown.)
+    SELECT d.id, (SELECT c.cash FROM {deployment} c WHERE c.id = d.id) + %s AS cash,
            (SELECT value FROM p) + COALESCE((SELECT SUM(q.qty * COALESCE(q.last_price, q.avg_entry))
                FROM {position} q WHERE q.deployment_id = d.id AND q.id <> (SELECT pid FROM ok)), 0.0)
                AS value,
@@ -255,6 +258,7 @@ def fill_record_claimed(
         qty, price, fee_quote, ts,
         book.qty, book.avg_entry, book.realised, price, timezone.now(),
         cash_delta, order.deployment_id,
+        cash_delta,
         ts,
         *audit_params,
     ]  # fmt: skip

@@ -296,3 +296,63 @@ def test_the_one_statement_fill_writes_nothing_when_the_position_moved_or_the_or
     assert Position.objects.get(deployment=dep, symbol=ETH).qty == 0.5
     assert Deployment.objects.get(pk=dep.pk).cash == 1.0
     assert Order.objects.get(pk=order.pk).filled_qty == 0.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_one_statement_equity_mark_is_one_view_when_another_fill_commits_meanwhile():
+    """Another process's LTC fill holds the deployment row while this ETH fill's statement
+    runs, and commits: the mark shows it entirely or not at all, never its cash without its
+    position (a false drawdown that could trip the breaker)."""
+    import threading
+    import time
+
+    import psycopg
+    from django.db import connection, connections
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the one-statement fill record is PostgreSQL's")
+    dep = make_deployment(name="one-view")
+    Position.objects.create(deployment=dep, symbol=ETH, qty=0.4, avg_entry=0.05)
+    Position.objects.create(deployment=dep, symbol=LTC, qty=2.0, avg_entry=0.003, last_price=0.003)
+    order = filled_order(dep, "buy", 0.1)
+    settings = connection.settings_dict
+    other = psycopg.connect(
+        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"],
+        port=settings["PORT"] or 5432, password=settings["PASSWORD"] or None,
+    )  # fmt: skip
+    done: dict = {}
+
+    def fill() -> None:
+        try:
+            done["claim"] = _claim(order, Book(0.4, 0.05, 0.0))
+        finally:
+            connections.close_all()
+
+    try:
+        other.execute(  # bought 10 LTC for 0.03: equity unchanged
+            "UPDATE trading_position SET qty = qty + 10 WHERE deployment_id = %s AND symbol = %s",
+            [dep.pk, LTC],
+        )
+        other.execute("UPDATE trading_deployment SET cash = cash - 0.03 WHERE id = %s", [dep.pk])
+        worker = threading.Thread(target=fill)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the fill's statement waits for the row
+            other.execute("SELECT pg_stat_clear_snapshot()")  # a fresh view of the sessions
+            waiting = other.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                [other.info.backend_pid],
+            ).fetchone()[0]
+            if waiting:
+                break
+            time.sleep(0.02)
+        assert waiting, "the fill's statement never waited for the other fill"
+        other.commit()
+        worker.join(10)
+    finally:
+        other.close()
+    assert done["claim"].written
+    mark = EquitySnapshot.objects.get(pk=done["claim"].snapshot_id)
+    now = portfolio.deployment_equity(dep.pk)
+    assert mark.equity == pytest.approx(now.equity)  # 1.0 - 0.00601 + 0.5 * 0.06 + 0.006
+    assert mark.equity == pytest.approx(1.02999)
