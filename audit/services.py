@@ -156,6 +156,8 @@ def audit_record(
         connection = transaction.get_connection()
         if connection.vendor == "postgresql" and _append_postgresql(connection, event):
             return event
+        if connection.vendor == "sqlite" and _append_sqlite(connection, event):
+            return event
         head, _ = AuditChainHead.objects.select_for_update().get_or_create(id=1)
         event.seq, event.prev_hash = head.seq + 1, head.hash
         event.hash = event_hash(event)
@@ -163,6 +165,46 @@ def audit_record(
         head.seq, head.prev_hash, head.hash = event.seq, event.prev_hash, event.hash
         head.save(update_fields=["seq", "prev_hash", "hash"])
     return event
+
+
+# SQLite (one writer at a time: the head needs no row lock): the head read, the event
+# inserted and the head advanced by three fixed statements; the hash computed here.
+_SQLITE_HEAD_SQL = f"SELECT seq, hash FROM {AuditChainHead._meta.db_table} WHERE id = 1"
+_SQLITE_INSERT_SQL = f"""
+INSERT INTO {AuditEvent._meta.db_table}
+    (seq, created_at, actor_user_id, actor, action, target_type, target_id, payload,
+     ip, user_agent, prev_hash, hash)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id
+"""
+_SQLITE_ADVANCE_SQL = (
+    f"UPDATE {AuditChainHead._meta.db_table} SET seq = %s, prev_hash = %s, hash = %s WHERE id = 1"
+)
+
+
+def _append_sqlite(connection: Any, event: AuditEvent) -> bool:
+    """Append ``event`` (seq and hashes filled in); False when there is no head row yet."""
+    with connection.cursor() as cursor:
+        cursor.execute(_SQLITE_HEAD_SQL)
+        head = cursor.fetchone()
+        if head is None:
+            return False
+        event.seq, event.prev_hash = head[0] + 1, head[1]
+        event.hash = event_hash(event)
+        payload = AuditEvent._meta.get_field("payload").get_db_prep_save(event.payload, connection)
+        created_at = connection.ops.adapt_datetimefield_value(event.created_at)
+        cursor.execute(
+            _SQLITE_INSERT_SQL,
+            [
+                event.seq, created_at, event.actor_user_id, event.actor, event.action,
+                event.target_type, event.target_id, payload, event.ip, event.user_agent,
+                event.prev_hash, event.hash,
+            ],
+        )  # fmt: skip
+        (event.pk,) = cursor.fetchone()
+        cursor.execute(_SQLITE_ADVANCE_SQL, [event.seq, event.prev_hash, event.hash])
+    event._state.adding = False
+    event._state.db = connection.alias
+    return True
 
 
 # PostgreSQL: one statement advances the chain head (locking its row until the

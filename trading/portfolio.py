@@ -273,11 +273,14 @@ def fill_record_claimed(
 
 def positions_mark(*, deployment_id: int, symbol: str, price: float) -> int:
     """Mark the deployment's position in ``symbol`` at ``price`` (no-op when flat)."""
-    return (
-        Position.objects.filter(deployment_id=deployment_id, symbol=symbol)
-        .exclude(qty=0)
-        .update(last_price=price)
-    )
+    table = connection.ops.quote_name(Position._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET last_price = %s"
+            " WHERE deployment_id = %s AND symbol = %s AND NOT (qty = 0)",
+            [price, deployment_id, symbol],
+        )
+        return cursor.rowcount
 
 
 @dataclass(frozen=True)
