@@ -23,6 +23,8 @@ from typing import Any
 
 from django.db import DatabaseError, connection, transaction
 
+from trading.rows import ModelRows
+
 from . import services
 from .engine import (
     METRIC_NAMES,
@@ -197,7 +199,7 @@ def _evaluate_and_act(rollout: Rollout, phase: Phase | None, now: datetime) -> S
     )
 
 
-_EVALUATION_ROWS = services.ModelRows(GateEvaluation, "e")
+_EVALUATION_ROWS = ModelRows(GateEvaluation, "e")
 _THRESHOLDS: dict[str, Thresholds] = {}
 
 

@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from trading.models import Deployment, KillSwitch
+from trading.rows import ModelRows, sql_once
 
 from .engine import ThresholdError, Thresholds
 from .models import (
@@ -306,98 +307,6 @@ def json_safe(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return repr(value)
-
-
-class ModelRows:
-    """A model's concrete columns read and written with SQL written once, the values turned
-    as the ORM turns them (the backend's and the fields' converters on the way in, the
-    fields' ``get_db_prep_save`` on the way out): the monitor step runs every few seconds
-    per rollout and each ORM query costs more CPU to build than to run. No model signals
-    are sent (this project connects none to the canary models)."""
-
-    def __init__(self, model: type[Any], alias: str) -> None:
-        self.model = model
-        self.alias = alias
-        self.fields = list(model._meta.concrete_fields)
-        self.attnames = [f.attname for f in self.fields]
-        self.table = model._meta.db_table
-        self._converters: dict[str, list[tuple[int, list[Any], Any]]] = {}
-
-    def columns(self, connection: Any) -> str:
-        qn = connection.ops.quote_name
-        return ", ".join(f"{self.alias}.{qn(f.column)}" for f in self.fields)
-
-    def _converters_of(self, connection: Any) -> list[tuple[int, list[Any], Any]]:
-        key = f"{connection.alias}:{connection.vendor}"
-        converters = self._converters.get(key)
-        if converters is None:
-            converters = []
-            for i, f in enumerate(self.fields):
-                col = f.get_col(self.alias)
-                funcs = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
-                if funcs:
-                    converters.append((i, funcs, col))
-            self._converters[key] = converters
-        return converters
-
-    def instance(self, connection: Any, values: Any) -> Any:
-        """The model instance of ``len(self.fields)`` values read in ``columns`` order."""
-        values = list(values)
-        for i, funcs, col in self._converters_of(connection):
-            value = values[i]
-            for func in funcs:
-                value = func(value, col, connection)
-            values[i] = value
-        return self.model.from_db(connection.alias, self.attnames, values)
-
-    def insert(self, connection: Any, values: Mapping[str, Any]) -> int:
-        """INSERT one row (``values`` by attname, the others are not written); its id."""
-        fields = [f for f in self.fields if f.attname in values]
-        params = [f.get_db_prep_save(values[f.attname], connection) for f in fields]
-        returning = connection.features.can_return_columns_from_insert
-
-        def build() -> str:
-            qn = connection.ops.quote_name
-            sql = "INSERT INTO {} ({}) VALUES ({})".format(
-                qn(self.table),
-                ", ".join(qn(f.column) for f in fields),
-                ", ".join(["%s"] * len(fields)),
-            )
-            return f"{sql} RETURNING {qn(self.model._meta.pk.column)}" if returning else sql
-
-        sql = sql_once(connection, (self.table, "insert", *(f.attname for f in fields)), build)
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            if returning:
-                return cursor.fetchone()[0]
-            return connection.ops.last_insert_id(cursor, self.table, self.model._meta.pk.column)
-
-    def update(self, connection: Any, instance: Any, attnames: list[str]) -> None:
-        """UPDATE the instance's row with its values of ``attnames`` (as ``save(update_fields=
-        ...)`` of an existing row)."""
-        fields = [f for f in self.fields if f.attname in attnames]
-        params = [f.get_db_prep_save(getattr(instance, f.attname), connection) for f in fields]
-
-        def build() -> str:
-            qn = connection.ops.quote_name
-            sets = ", ".join(f"{qn(f.column)} = %s" for f in fields)
-            return f"UPDATE {qn(self.table)} SET {sets} WHERE {qn(self.model._meta.pk.column)} = %s"
-
-        sql = sql_once(connection, (self.table, "update", *(f.attname for f in fields)), build)
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [*params, instance.pk])
-
-
-_SQL: dict[tuple[Any, ...], str] = {}
-
-
-def sql_once(connection: Any, key: tuple[Any, ...], build: Callable[[], str]) -> str:
-    """The SQL ``build()`` writes for ``key``, written once per database and backend."""
-    full = (connection.alias, connection.vendor, *key)
-    sql = _SQL.get(full)
-    if sql is None:
-        sql = _SQL[full] = build()
-    return sql
 
 
 ROLLOUT_ROWS = ModelRows(Rollout, "r")

@@ -1,66 +1,156 @@
-"""Rows written with SQL built once per model and database, the values prepared as the ORM
-prepares them (each field's ``pre_save`` and ``get_db_prep_save``): for the rows written on
-every order, where building and compiling an ORM query costs more CPU than the database's
-work. No model signals are sent (the project connects none to these models)."""
+"""Rows read and written with SQL written once per model and database, the values turned as
+the ORM turns them (the backend's and the fields' converters on the way in, each field's
+``pre_save`` where ``save`` calls it and ``get_db_prep_save`` on the way out): for the rows
+written on every order and every monitor step, where building and compiling an ORM query
+costs more CPU than the database's work. No model signals are sent (the project connects
+none to these models)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from django.db import connection
+from django.db import connection as default_connection
 
-_SQL: dict[tuple, str] = {}
+_SQL: dict[tuple[Any, ...], str] = {}
 
 
-def _quote(name: str) -> str:
-    return connection.ops.quote_name(name)
+def sql_once(connection: Any, key: tuple[Any, ...], build: Callable[[], str]) -> str:
+    """The SQL ``build()`` writes for ``key``, written once per database and backend."""
+    full = (connection.alias, connection.vendor, *key)
+    sql = _SQL.get(full)
+    if sql is None:
+        sql = _SQL[full] = build()
+    return sql
+
+
+class ModelRows:
+    """A model's concrete columns read and written with SQL written once (``alias``: the
+    table's alias in ``columns``)."""
+
+    def __init__(self, model: type[Any], alias: str = "t") -> None:
+        self.model = model
+        self.alias = alias
+        self.fields = list(model._meta.concrete_fields)
+        self.attnames = [f.attname for f in self.fields]
+        self.table = model._meta.db_table
+        self.pk = model._meta.pk
+        self._converters: dict[str, list[tuple[int, list[Any], Any]]] = {}
+
+    def columns(self, connection: Any) -> str:
+        qn = connection.ops.quote_name
+        return ", ".join(f"{self.alias}.{qn(f.column)}" for f in self.fields)
+
+    def _converters_of(self, connection: Any) -> list[tuple[int, list[Any], Any]]:
+        key = f"{connection.alias}:{connection.vendor}"
+        converters = self._converters.get(key)
+        if converters is None:
+            converters = []
+            for i, f in enumerate(self.fields):
+                col = f.get_col(self.alias)
+                funcs = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+                if funcs:
+                    converters.append((i, funcs, col))
+            self._converters[key] = converters
+        return converters
+
+    def instance(self, connection: Any, values: Any) -> Any:
+        """The model instance of ``len(self.fields)`` values read in ``columns`` order."""
+        values = list(values)
+        for i, funcs, col in self._converters_of(connection):
+            value = values[i]
+            for func in funcs:
+                value = func(value, col, connection)
+            values[i] = value
+        return self.model.from_db(connection.alias, self.attnames, values)
+
+    def insert(self, connection: Any, values: Mapping[str, Any]) -> int:
+        """INSERT one row (``values`` by attname, the others are not written); its id."""
+        fields = [f for f in self.fields if f.attname in values]
+        params = [f.get_db_prep_save(values[f.attname], connection) for f in fields]
+        returning = connection.features.can_return_columns_from_insert
+
+        def build() -> str:
+            qn = connection.ops.quote_name
+            sql = "INSERT INTO {} ({}) VALUES ({})".format(
+                qn(self.table),
+                ", ".join(qn(f.column) for f in fields),
+                ", ".join(["%s"] * len(fields)),
+            )
+            return f"{sql} RETURNING {qn(self.pk.column)}" if returning else sql
+
+        sql = sql_once(connection, (self.table, "insert", *(f.attname for f in fields)), build)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            if returning:
+                return cursor.fetchone()[0]
+            return connection.ops.last_insert_id(cursor, self.table, self.pk.column)
+
+    def update_where(
+        self, connection: Any, where: Mapping[str, Any], values: Mapping[str, Any]
+    ) -> int:
+        """``model.objects.filter(**where).update(**values)`` for equality (or ``None``: IS
+        NULL) conditions on field names; the number of rows updated."""
+        meta = self.model._meta
+        set_fields = [meta.get_field(name) for name in values]
+        where_fields = [meta.get_field(name) for name in where]
+        nulls = tuple(value is None for value in where.values())
+
+        def build() -> str:
+            qn = connection.ops.quote_name
+            sets = ", ".join(f"{qn(f.column)} = %s" for f in set_fields)
+            conditions = " AND ".join(
+                f"{qn(f.column)} IS NULL" if null else f"{qn(f.column)} = %s"
+                for f, null in zip(where_fields, nulls, strict=True)
+            )
+            return f"UPDATE {qn(self.table)} SET {sets} WHERE {conditions}"
+
+        key = (self.table, "update", tuple(values), tuple(where), nulls)
+        sql = sql_once(connection, key, build)
+        params = [
+            f.get_db_prep_save(v, connection)
+            for f, v in zip(set_fields, values.values(), strict=True)
+        ]
+        params += [
+            f.get_db_prep_value(v, connection)
+            for f, v in zip(where_fields, where.values(), strict=True)
+            if v is not None
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.rowcount
+
+    def update(self, connection: Any, instance: Any, attnames: list[str]) -> None:
+        """UPDATE the instance's row with its values of ``attnames`` (as ``save(update_fields=
+        ...)`` of an existing row)."""
+        values = {
+            f.attname: getattr(instance, f.attname) for f in self.fields if f.attname in attnames
+        }
+        self.update_where(connection, {self.pk.attname: instance.pk}, values)
+
+
+_ROWS: dict[type[Any], ModelRows] = {}
+
+
+def rows_of(model: type[Any]) -> ModelRows:
+    rows = _ROWS.get(model)
+    if rows is None:
+        rows = _ROWS[model] = ModelRows(model)
+    return rows
 
 
 def insert_row(obj: Any) -> Any:
     """INSERT a new model instance (``auto_now`` fields set as ``save`` sets them); sets its
     primary key and returns it."""
-    meta = obj._meta
-    fields = [f for f in meta.concrete_fields if not f.primary_key]
-    key = ("insert", type(obj), connection.vendor)
-    sql = _SQL.get(key)
-    if sql is None:
-        sql = _SQL[key] = (
-            f"INSERT INTO {_quote(meta.db_table)} ({', '.join(_quote(f.column) for f in fields)}) "
-            f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {_quote(meta.pk.column)}"
-        )
-    params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        obj.pk = cursor.fetchone()[0]
+    rows = rows_of(type(obj))
+    values = {f.attname: f.pre_save(obj, True) for f in rows.fields if not f.primary_key}
+    obj.pk = rows.insert(default_connection, values)
     obj._state.adding = False
-    obj._state.db = connection.alias
+    obj._state.db = default_connection.alias
     return obj
 
 
 def update_rows(model: type, where: dict[str, Any], values: dict[str, Any]) -> int:
     """``model.objects.filter(**where).update(**values)`` for equality (or ``None``: IS NULL)
     conditions on field names; the number of rows updated."""
-    meta = model._meta
-    set_fields = [meta.get_field(name) for name in values]
-    where_fields = [meta.get_field(name) for name in where]
-    nulls = tuple(value is None for value in where.values())
-    key = ("update", model, tuple(values), tuple(where), nulls, connection.vendor)
-    sql = _SQL.get(key)
-    if sql is None:
-        sets = ", ".join(f"{_quote(f.column)} = %s" for f in set_fields)
-        conditions = " AND ".join(
-            f"{_quote(f.column)} IS NULL" if null else f"{_quote(f.column)} = %s"
-            for f, null in zip(where_fields, nulls, strict=True)
-        )
-        sql = _SQL[key] = f"UPDATE {_quote(meta.db_table)} SET {sets} WHERE {conditions}"
-    params = [
-        f.get_db_prep_save(v, connection) for f, v in zip(set_fields, values.values(), strict=True)
-    ]
-    params += [
-        f.get_db_prep_value(v, connection)
-        for f, v in zip(where_fields, where.values(), strict=True)
-        if v is not None
-    ]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount
+    return rows_of(model).update_where(default_connection, where, values)

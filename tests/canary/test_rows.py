@@ -1,4 +1,4 @@
-"""The monitor step's reads and writes with SQL written once (``canary.services.ModelRows``):
+"""The monitor step's reads and writes with SQL written once (``trading.rows.ModelRows``):
 the same instances and rows as the ORM's, and a bounded number of statements per step."""
 
 import random

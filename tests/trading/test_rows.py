@@ -1,0 +1,80 @@
+"""Rows written with SQL written once (``trading.rows``): ``insert_row`` and ``update_rows``
+(the order path's) and ``ModelRows`` (the monitor step's) are one implementation and write
+what the ORM writes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from django.db import connection
+
+from tests.trading.test_execution import ETH, LTC, make_deployment
+from trading import rows
+from trading.models import Order, OrderStatus, Position
+
+pytestmark = pytest.mark.django_db
+
+T = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def values(instance):
+    return {f.attname: getattr(instance, f.attname) for f in type(instance)._meta.concrete_fields}
+
+
+def test_insert_row_writes_what_save_writes_and_sets_the_key():
+    dep = make_deployment()
+    made = rows.insert_row(Position(deployment=dep, symbol=ETH, qty=0.5, avg_entry=0.05))
+    assert made.pk is not None and not made._state.adding
+    assert made._state.db == connection.alias
+    assert made.updated_at is not None and made.updated_at.tzinfo is not None  # auto_now
+    stored = Position.objects.get(pk=made.pk)
+    assert values(stored) == values(made)
+    assert (stored.last_price, stored.realised_pnl) == (None, 0.0)
+    again = rows.insert_row(Position(deployment=dep, symbol=LTC, qty=1.0))
+    assert again.pk > made.pk
+
+
+def test_update_rows_is_the_querysets_update_with_null_conditions():
+    dep = make_deployment()
+    order = Order.objects.create(
+        deployment=dep, client_order_id="c1", symbol=ETH, side="buy", requested_qty=1.0,
+        created_at=T,
+    )  # fmt: skip
+    where = {"id": order.pk, "status": OrderStatus.PENDING, "submitted_at": None}
+    assert rows.update_rows(Order, where, {"status": OrderStatus.FILLED, "submitted_at": T}) == 1
+    order.refresh_from_db()
+    assert (order.status, order.submitted_at) == (OrderStatus.FILLED, T)
+    # submitted_at is no longer NULL, the status no longer PENDING: nothing matches now
+    assert rows.update_rows(Order, where, {"status": OrderStatus.ERROR}) == 0
+    where = {"deployment": dep.pk, "symbol": ETH}  # a field name of a foreign key
+    assert rows.update_rows(Order, where, {"filled_qty": 1.0}) == 1
+    assert Order.objects.get(pk=order.pk).filled_qty == 1.0
+
+
+def test_model_rows_read_insert_and_update_as_the_orm():
+    dep = make_deployment()
+    position_rows = rows.ModelRows(Position, "p")
+    pk = position_rows.insert(
+        connection,
+        {
+            "deployment_id": dep.pk,
+            "symbol": ETH,
+            "qty": 2.0,
+            "avg_entry": 0.1,
+            "realised_pnl": 0.0,
+            "updated_at": T,
+        },  # fmt: skip
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {position_rows.columns(connection)} FROM trading_position p WHERE p.id = %s",
+            [pk],
+        )
+        read = position_rows.instance(connection, cursor.fetchone())
+    orm = Position.objects.get(pk=pk)
+    assert values(read) == values(orm) and not read._state.adding
+    read.qty, read.last_price = 3.0, 0.2
+    position_rows.update(connection, read, ["qty", "last_price"])
+    orm.refresh_from_db()
+    assert (orm.qty, orm.last_price, orm.avg_entry, orm.updated_at) == (3.0, 0.2, 0.1, T)
