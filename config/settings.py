@@ -91,6 +91,10 @@ else:
     # connection per thread is never reused (Django #33497): it exhausts max_connections.
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=0))
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    # Statements run on a server-binding cursor are prepared on their connection after this
+    # many executions (the order path's fill record: PostgreSQL spends longer planning it
+    # than running it). The ORM's cursors bind on the client and are never prepared.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
     # A pool of connections (psycopg_pool) shared by the threads of one process: each
     # request takes one and gives it back when it ends, instead of opening its own. For the
     # web server (scripts/stack.py sets it there); not for the prefork Celery worker, which

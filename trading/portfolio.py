@@ -262,13 +262,24 @@ def fill_record_claimed(
         ts,
         *audit_params,
     ]  # fmt: skip
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        oid, pid, fill_id, snapshot_id, *event = cursor.fetchone()
+    oid, pid, fill_id, snapshot_id, *event = _fetchone_prepared(sql, params)
     if fill_id is None:
         return FillClaim(oid is not None, pid is not None, None, None)
     appended = audit_appended(audit, event, connection.alias)
     return FillClaim(True, True, fill_id, snapshot_id, appended)
+
+
+def _fetchone_prepared(sql: str, params: list[Any]) -> tuple:
+    """PostgreSQL: run ``sql`` on a server-binding cursor, so that the connection prepares
+    it once it has run it ``prepare_threshold`` times (settings) and then skips parsing and
+    planning it; through Django's cursor wrapper (its error translation, query log and
+    execute wrappers) all the same."""
+    import psycopg
+
+    connection.ensure_connection()
+    with connection._prepare_cursor(psycopg.Cursor(connection.connection)) as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
 
 
 def positions_mark(*, deployment_id: int, symbol: str, price: float) -> int:

@@ -297,6 +297,30 @@ def test_order_path_queries(switch, django_assert_max_num_queries):
     assert Position.objects.get(deployment=dep, symbol=ETH).qty == pytest.approx(0.4)
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_fill_statement_is_prepared_on_its_connection_after_a_few_orders(switch):
+    """PostgreSQL plans the fill's statement once per connection, not for every order."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("prepared statements: PostgreSQL")
+
+    def prepared() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
+                ["%WITH chk AS%trading_equitysnapshot%"],
+            )
+            return cursor.fetchone()[0]
+
+    dep = make_deployment()
+    assert prepared() == 0
+    for n in range(7):
+        buy(dep, make_candle(open_ms=T0 + n * TF_MS))
+    assert prepared() == 1
+    assert Position.objects.get(deployment=dep, symbol=ETH).qty == pytest.approx(1.4)
+
+
 # --------------------------------------------------------------------------- gate
 
 

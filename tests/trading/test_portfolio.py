@@ -311,6 +311,9 @@ def test_the_one_statement_equity_mark_is_one_view_when_another_fill_commits_mea
 
     if connection.vendor != "postgresql":
         pytest.skip("the one-statement fill record is PostgreSQL's")
+    from audit.models import AuditChainHead
+
+    AuditChainHead.objects.get_or_create(id=1)  # a flushed database has none yet
     dep = make_deployment(name="one-view")
     Position.objects.create(deployment=dep, symbol=ETH, qty=0.4, avg_entry=0.05)
     Position.objects.create(deployment=dep, symbol=LTC, qty=2.0, avg_entry=0.003, last_price=0.003)
@@ -325,6 +328,8 @@ def test_the_one_statement_equity_mark_is_one_view_when_another_fill_commits_mea
     def fill() -> None:
         try:
             done["claim"] = _claim(order, Book(0.4, 0.05, 0.0))
+        except Exception as exc:  # reported by the assertions below
+            done["error"] = exc
         finally:
             connections.close_all()
 
@@ -346,7 +351,7 @@ def test_the_one_statement_equity_mark_is_one_view_when_another_fill_commits_mea
             if waiting:
                 break
             time.sleep(0.02)
-        assert waiting, "the fill's statement never waited for the other fill"
+        assert waiting, f"the fill's statement never waited for the other fill: {done}"
         other.commit()
         worker.join(10)
     finally:
