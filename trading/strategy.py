@@ -39,7 +39,7 @@ from django.db.models import Max, Min
 from django.db.models.constants import OnConflict
 from django.utils import timezone
 
-from . import execution, portfolio
+from . import execution, portfolio, rows
 from .models import Candle, Deployment, EquitySnapshot, Order, OrderStatus, Position, Signal
 from .signals import InvalidSignalParams, SignalEngine, SignalParams
 from .signals import Signal as EngineSignal
@@ -188,14 +188,17 @@ class Holding:
 
     @classmethod
     def load(cls, deployment_id: int, symbol: str) -> Holding:
-        qty = (
-            Position.objects.filter(deployment_id=deployment_id, symbol=symbol)
-            .values_list("qty", flat=True)
-            .first()
-        ) or 0.0
+        """The position's quantity (``Position.objects.filter(...).values_list("qty")
+        .first()``) and, for a long, ``levels_of`` its last filled entry: one statement
+        written once."""
+        connection = transaction.get_connection()
+        with connection.cursor() as cursor:
+            cursor.execute(_reload_sql(connection, _HOLDING_SQL), [deployment_id, symbol])
+            row = cursor.fetchone()
+        qty = (row[0] if row is not None else None) or 0.0
         if qty <= 0:
             return cls(qty)
-        return cls(qty, *levels_of(deployment_id, symbol))
+        return cls(qty, row[1], row[2])
 
     def exit_reason(self, candle: Candle, signal: Signal | None) -> str | None:
         if not self.long:
@@ -279,6 +282,19 @@ LEFT JOIN {signal} s ON s.id = (
     ORDER BY o.id DESC LIMIT 1)
 WHERE p.deployment_id = %s
 """
+# Holding.load's: the first position row (by id) of one symbol, with the levels of its
+# last filled entry (as ``levels_of``) when it is a long.
+_HOLDING_SQL = """
+SELECT p.qty, s.stop, s.target
+FROM {position} p
+LEFT JOIN {signal} s ON p.qty > 0 AND s.id = (
+    SELECT o.signal_id FROM {order} o
+    WHERE o.deployment_id = p.deployment_id AND o.symbol = p.symbol AND o.purpose = '{entry}'
+        AND o.filled_qty > 0 AND o.signal_id IS NOT NULL
+    ORDER BY o.id DESC LIMIT 1)
+WHERE p.deployment_id = %s AND p.symbol = %s
+ORDER BY p.id LIMIT 1
+"""
 _LAST_SNAPSHOT_SQL = """
 SELECT ts, peak FROM {snapshot} WHERE deployment_id = %s ORDER BY ts DESC, id DESC LIMIT 1
 """
@@ -341,6 +357,26 @@ def _stored_signal(deployment: Deployment, candle: Candle) -> Signal:
     return Signal.from_db(connection.alias, [f.attname for f in _SIGNAL_FIELDS], values)
 
 
+_DEPLOYMENT_ROWS = rows.ModelRows(Deployment, "d")
+
+
+def _deployment(connection: Any, cursor: Any, pk: int) -> Deployment:
+    """``Deployment.objects.get(pk=pk)`` with its SQL written once."""
+
+    def build() -> str:
+        qn = connection.ops.quote_name
+        return (
+            f"SELECT {_DEPLOYMENT_ROWS.columns(connection)} FROM {qn(Deployment._meta.db_table)} d"
+            f" WHERE d.{qn(Deployment._meta.pk.column)} = %s"
+        )
+
+    cursor.execute(rows.sql_once(connection, ("strategy_deployment",), build), [pk])
+    row = cursor.fetchone()
+    if row is None:
+        raise Deployment.DoesNotExist("Deployment matching query does not exist.")
+    return _DEPLOYMENT_ROWS.instance(connection, row)
+
+
 @dataclass
 class _Mark:
     qty: float
@@ -381,10 +417,10 @@ class Account:
         """Re-read the deployment, its positions, the levels of its longs, its last
         snapshot (what an order, or a rollout decision, may have changed)."""
         pk = self.deployment.pk
-        self.deployment = Deployment.objects.get(pk=pk)
-        self.cash = self.deployment.cash
         connection = transaction.get_connection()
         with connection.cursor() as cursor:
+            self.deployment = _deployment(connection, cursor, pk)
+            self.cash = self.deployment.cash
             cursor.execute(_reload_sql(connection, _POSITIONS_SQL), [pk])
             rows = cursor.fetchall()
             cursor.execute(_reload_sql(connection, _LAST_SNAPSHOT_SQL), [pk])
