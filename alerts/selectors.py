@@ -69,14 +69,15 @@ class Prepared:
         fields = [col[0] for col in compiler.select[: compiler.col_count]]
         return sql, params, positions, compiler, compiler.get_converters(fields)
 
-    def rows(self, using: str = "default", **values: Any) -> list[tuple]:
+    def statement(self, using: str = "default", **values: Any) -> tuple[str, list]:
+        """The SQL and parameters of the read with these values."""
         connection = connections[using]
         shape = {k: v for k, v in values.items() if k not in self._samples}
         key = (using, connection.vendor, *sorted(shape.items()))
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compiled[key] = self._prepare(using, shape)
-        sql, params, positions, compiler, converters = compiled
+        sql, params, positions, _, _ = compiled
         if positions:
             params = list(params)
             for name, where in positions.items():
@@ -85,12 +86,50 @@ class Prepared:
                     value = connection.ops.adapt_datetimefield_value(value)
                 for i in where:
                     params[i] = value
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            rows = cursor.fetchall()
+        return sql, params
+
+    def converted(self, rows: list, using: str = "default", **values: Any) -> list[tuple]:
+        """Rows fetched for ``statement(using, **values)`` as the ORM would return them."""
+        connection = connections[using]
+        shape = {k: v for k, v in values.items() if k not in self._samples}
+        _, _, _, compiler, converters = self._compiled[
+            (using, connection.vendor, *sorted(shape.items()))
+        ]
         if converters:
             return [tuple(row) for row in compiler.apply_converters(rows, converters)]
         return rows
+
+    def rows(self, using: str = "default", **values: Any) -> list[tuple]:
+        sql, params = self.statement(using, **values)
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+        return self.converted(rows, using, **values)
+
+
+def rows_together(
+    *reads: tuple[Prepared, dict[str, Any]], using: str = "default"
+) -> list[list[tuple]]:
+    """The rows of several prepared reads, in one round trip on PostgreSQL (their
+    statements sent as one query, the results read in turn), one read after another
+    elsewhere."""
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return [read.rows(using, **values) for read, values in reads]
+    statements = [read.statement(using, **values) for read, values in reads]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "; ".join(sql for sql, _ in statements), [p for _, params in statements for p in params]
+        )
+        fetched = [cursor.fetchall()]
+        while len(fetched) < len(reads) and cursor.nextset():
+            fetched.append(cursor.fetchall())
+    if len(fetched) != len(reads):
+        raise RuntimeError(f"{len(reads)} reads sent together, {len(fetched)} results")
+    return [
+        read.converted(rows, using, **values)
+        for (read, values), rows in zip(reads, fetched, strict=True)
+    ]
 
 
 _RULES = Prepared(
@@ -136,7 +175,7 @@ def rules_for_stream(symbol: str, timeframe: str) -> list[RuleSpec]:
     return resolve_rules(usable, symbol, timeframe)
 
 
-_SILENCES = Prepared(
+SILENCES = Prepared(
     lambda now: Silence.objects.filter(ended_at__isnull=True, expires_at__gt=now).values_list(
         "pk", "symbol", "detector", "expires_at", f"author__{User.USERNAME_FIELD}", "reason"
     ),
@@ -145,6 +184,11 @@ _SILENCES = Prepared(
 
 
 def active_silences(now: datetime) -> list[SilenceSpec]:
+    return silence_specs(SILENCES.rows(now=now))
+
+
+def silence_specs(rows: list[tuple]) -> list[SilenceSpec]:
+    """The silences of SILENCES rows."""
     return [
         SilenceSpec(
             id=pk,
@@ -154,7 +198,7 @@ def active_silences(now: datetime) -> list[SilenceSpec]:
             author=author,
             reason=reason,
         )
-        for pk, symbol, detector, expires_at, author, reason in _SILENCES.rows(now=now)
+        for pk, symbol, detector, expires_at, author, reason in rows
     ]
 
 
@@ -215,14 +259,19 @@ def _recipient_rows() -> QuerySet:
     )
 
 
-_RECIPIENTS = Prepared(_recipient_rows)
+RECIPIENTS = Prepared(_recipient_rows)
 
 
 def email_recipients() -> list[Recipient]:
     """Active users with an email and the handle_alerts or view_desk permission who opted
     in: their AlertSubscription says email, or they have none and are in the Ops group."""
+    return recipients_of(RECIPIENTS.rows())
+
+
+def recipients_of(rows: list[tuple]) -> list[Recipient]:
+    """The email recipients of RECIPIENTS rows."""
     found = []
-    for pk, email, in_default_group, sub, *choices in _RECIPIENTS.rows():
+    for pk, email, in_default_group, sub, *choices in rows:
         if sub is None and in_default_group:
             found.append(Recipient(pk, email, Filters()))
         elif sub is not None and choices[0]:

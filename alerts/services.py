@@ -110,12 +110,17 @@ class _Fanout:
     @classmethod
     def load(cls) -> _Fanout:
         now = timezone.now()
+        silences, recipients, waiting = selectors.rows_together(
+            (selectors.SILENCES, {"now": now}),
+            (selectors.RECIPIENTS, {}),
+            (_WAITING_COUNTS, {}),
+        )
         return cls(
             now=now,
-            silences=selectors.active_silences(now),
-            recipients=selectors.email_recipients(),
+            silences=selectors.silence_specs(silences),
+            recipients=selectors.recipients_of(recipients),
             webhooks=[recipient_label(i) for i in range(len(settings.ALERTS_WEBHOOK_URLS))],
-            pending=sum(n for (n,) in _WAITING_COUNTS.rows()),
+            pending=sum(n for (n,) in waiting),
             limit=settings.ALERTS_PENDING_LIMIT,
             connections=presence.live_connections(),
         )

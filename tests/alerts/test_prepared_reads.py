@@ -111,3 +111,28 @@ def test_last_passed_event_is_the_latest_delivered_one_before_the_time_given():
     assert last_passed_event_ms("A|1m|d|up", 200) == 100
     assert last_passed_event_ms("A|1m|d|up", 100) is None
     assert last_passed_event_ms("C|1m|d|up", 300) is None
+
+
+def test_reads_sent_together_return_what_each_returns_alone(make_user):
+    from alerts.models import Silence
+    from alerts.selectors import RECIPIENTS, SILENCES, Prepared, rows_together
+
+    ops = make_user("ops-together", "Ops", email="ops@example.com")
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    Silence.objects.create(
+        symbol="A/B", reason="r", author=ops, created_at=t0, expires_at=t0 + timedelta(hours=1)
+    )
+    nothing = Prepared(
+        lambda symbol: Silence.objects.filter(symbol=symbol).values_list("pk"), symbol=("a", "b")
+    )
+    reads = [
+        (SILENCES, {"now": t0}),
+        (nothing, {"symbol": "none"}),
+        (RECIPIENTS, {}),
+        (SILENCES, {"now": t0 + timedelta(hours=2)}),
+    ]
+    together = rows_together(*reads)
+    assert together == [read.rows(**values) for read, values in reads]
+    assert together[0][0][1:] == ("A/B", "", t0 + timedelta(hours=1), "ops-together", "r")
+    assert together[1] == [] and together[3] == []
+    assert [row[:2] for row in together[2]] == [(ops.pk, "ops@example.com")]
