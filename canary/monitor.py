@@ -120,14 +120,24 @@ def monitor_step(*, rollout_id: int, now: datetime) -> StepResult:
         return _evaluate_and_act(rollout, phase, now)
 
 
+def _sql_literal(value: str) -> str:
+    """A constant of this module (a state name) as an SQL string literal."""
+    if not value.replace("_", "").isalnum():
+        raise ValueError(f"not a state name: {value!r}")
+    return f"'{value}'"
+
+
 def _phase_and_rollback_sql(connection: Any) -> str:
+    # The states are written as literals: SQLite prepares a statement again on every run
+    # when a bound value could change its plan, as ``state = %s`` could (the partial unique
+    # index of one RUNNING rollback per deployment); the newest rollback is the MAX id.
     qn = connection.ops.quote_name
-    followed = ", ".join(["%s"] * len(_FOLLOWED_WHEN_LINKED))
+    running = _sql_literal(RollbackState.RUNNING.value)
+    followed = ", ".join(_sql_literal(s.value) for s in _FOLLOWED_WHEN_LINKED)
     rollback = (
-        f"SELECT b.{qn('id')} FROM {qn(Rollback._meta.db_table)} b"
-        f" WHERE (b.{qn('deployment_id')} = %s AND b.{qn('state')} = %s)"
+        f"SELECT MAX(b.{qn('id')}) FROM {qn(Rollback._meta.db_table)} b"
+        f" WHERE (b.{qn('deployment_id')} = %s AND b.{qn('state')} = {running})"
         f" OR (b.{qn('rollout_id')} = %s AND b.{qn('state')} IN ({followed}))"
-        f" ORDER BY b.{qn('id')} DESC LIMIT 1"
     )
     return (
         f"SELECT ({rollback}), {services.PHASE_ROWS.columns(connection)}"
@@ -142,14 +152,7 @@ def _phase_and_rollback(rollout: Rollout) -> tuple[Phase | None, int | None]:
     sql = services.sql_once(
         connection, ("phase_and_rollback",), lambda: _phase_and_rollback_sql(connection)
     )
-    params = [
-        rollout.deployment_id,
-        RollbackState.RUNNING.value,
-        rollout.pk,
-        *(s.value for s in _FOLLOWED_WHEN_LINKED),
-        rollout.pk,
-        rollout.current_phase or 0,
-    ]
+    params = [rollout.deployment_id, rollout.pk, rollout.pk, rollout.current_phase or 0]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         running_id, *values = cursor.fetchone()

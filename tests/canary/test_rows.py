@@ -144,3 +144,43 @@ def test_drawdown_of_fetched_marks_is_the_window_functions(seed):
     assert metrics.drawdown_ratio(marks) == expected
     got = phase_metrics(deployment=deployment, since=since, now=now).drawdown_pct
     assert got == metrics._drawdown_pct(expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_rollback_to_join_is_the_orms_newest_match(make_user, seed):
+    """The step's rollback to join (states written into its SQL as literals): the newest
+    rollback RUNNING for the deployment, or linked to the rollout and RUNNING, STAGE1_DONE
+    or COMPLETED; never one of another deployment or rollout, RESTORED or FAILED."""
+    from django.db.models import Q
+
+    from canary.models import Rollback, RollbackState
+    from canary.monitor import _FOLLOWED_WHEN_LINKED, _phase_and_rollback
+
+    rng = random.Random(seed)
+    rollout = start(make_user)
+    other = make_deployment(name="other")
+    for i in range(rng.randrange(1, 7)):
+        deployment = rng.choice((rollout.deployment, other))
+        state = rng.choice(list(RollbackState))
+        if (
+            state == RollbackState.RUNNING
+            and Rollback.objects.filter(deployment=deployment, state=state).exists()
+        ):
+            state = RollbackState.FAILED  # one RUNNING rollback per deployment
+        Rollback.objects.create(
+            deployment=deployment, rollout=rng.choice((rollout, None)), trigger="gate",
+            cause=f"c{i}", requested_by="test", state=state, started_at=at(i),
+        )  # fmt: skip
+        expected = (
+            Rollback.objects.filter(
+                Q(deployment_id=rollout.deployment_id, state=RollbackState.RUNNING)
+                | Q(rollout=rollout, state__in=_FOLLOWED_WHEN_LINKED)
+            )
+            .order_by("-pk")
+            .values_list("pk", flat=True)
+            .first()
+        )
+        with transaction.atomic():
+            phase, running_id = _phase_and_rollback(services.lock_rollout(rollout.pk))
+        assert running_id == expected
+        assert phase is not None and phase.index == 1
