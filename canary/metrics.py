@@ -37,6 +37,7 @@ from django.db import connections
 from django.db.models import QuerySet
 
 from trading.models import Deployment, EquitySnapshot, MarketStream, Order, OrderStatus, Signal
+from trading.rows import execute
 
 from .engine import Metrics
 
@@ -192,7 +193,7 @@ def _aggregates(
     if connection.vendor in _DRAWDOWN_IN_PYTHON:
         drawdown = []
     heard = [timeframe, since, *symbols] if symbols else []
-    cursor.execute(sql, params + drawdown + heard + params)
+    execute(cursor, sql, params + drawdown + heard + params)
     row = cursor.fetchone()
     return dict(zip(_AGGREGATE_KEYS, row, strict=True))
 
@@ -218,7 +219,8 @@ def _latency_p95_offset(cursor: Any, connection: Any, window: Window, n: int) ->
     latency = _LATENCY_EXPR["sqlite"]
     rank = P95 * (n - 1)
     k = math.floor(rank)
-    cursor.execute(
+    execute(
+        cursor,
         f"SELECT {latency} AS v FROM {Order._meta.db_table} o"
         f" WHERE {_WHERE} AND {_HAS_LATENCY} ORDER BY v LIMIT 2 OFFSET %s",
         [*_params(connection, window), k],
@@ -274,7 +276,8 @@ def _drawdown_of_marks(cursor: Any, connection: Any, window: Window) -> float | 
     ops = connection.ops
     since = ops.adapt_datetimefield_value(window.since)
     now = ops.adapt_datetimefield_value(window.now)
-    cursor.execute(
+    execute(
+        cursor,
         _DRAWDOWN_MARKS_SQL.format(table=EquitySnapshot._meta.db_table),
         _drawdown_params(window, since, now),
     )

@@ -23,7 +23,7 @@ from typing import Any
 
 from django.db import DatabaseError, connection, transaction
 
-from trading.rows import ModelRows
+from trading.rows import ModelRows, execute
 
 from . import services
 from .engine import (
@@ -154,7 +154,7 @@ def _phase_and_rollback(rollout: Rollout) -> tuple[Phase | None, int | None]:
     )
     params = [rollout.deployment_id, rollout.pk, rollout.pk, rollout.current_phase or 0]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        execute(cursor, sql, params)
         running_id, *values = cursor.fetchone()
     if values[0] is None:  # no phase row (its id is NULL)
         return None, running_id
@@ -235,7 +235,7 @@ def _previous_verdict(connection: Any, phase_id: int) -> str | None:
         )
 
     with connection.cursor() as cursor:
-        cursor.execute(services.sql_once(connection, ("previous_verdict",), build), [phase_id])
+        execute(cursor, services.sql_once(connection, ("previous_verdict",), build), [phase_id])
         row = cursor.fetchone()
     return None if row is None else row[0]
 

@@ -46,6 +46,7 @@ from django.db.models import Count, Max, Min
 
 from audit.roles import ensure_roles
 from trading.models import Candle, Deployment, EquitySnapshot, MarketStream, Order
+from trading.rows import execute
 from trading.timeframes import timeframe_ms
 
 from . import services
@@ -282,7 +283,7 @@ def _stream_heard(
     connection = transaction.get_connection()
     received = connection.ops.adapt_datetimefield_value(last_received_at)
     with connection.cursor() as cursor:
-        cursor.execute(_STREAM_SQL, [last_open_time_ms, received, exchange, symbol, timeframe])
+        execute(cursor, _STREAM_SQL, [last_open_time_ms, received, exchange, symbol, timeframe])
         return cursor.rowcount
 
 
@@ -454,7 +455,7 @@ def _current_phase_times(rollout_id: int) -> tuple[int, datetime | None, datetim
         )
 
     with connection.cursor() as cursor:
-        cursor.execute(services.sql_once(connection, ("cadence_phase",), build), [rollout_id])
+        execute(cursor, services.sql_once(connection, ("cadence_phase",), build), [rollout_id])
         row = cursor.fetchone()
     if row is None:
         return 0, None, None

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from trading.models import Deployment, KillSwitch
-from trading.rows import ModelRows, sql_once
+from trading.rows import ModelRows, execute, sql_once
 
 from .engine import ThresholdError, Thresholds
 from .models import (
@@ -336,7 +336,7 @@ def lock_rollout(rollout_id: int) -> Rollout:
 
     sql = sql_once(connection, ("lock_rollout",), build)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [rollout_id])
+        execute(cursor, sql, [rollout_id])
         row = cursor.fetchone()
     if row is None:
         raise Rollout.DoesNotExist(f"{Rollout._meta.object_name} matching query does not exist.")
@@ -378,7 +378,7 @@ def read_phase(where: str, params: list[Any], *, lock: bool = False) -> Phase | 
 
     sql = sql_once(connection, ("read_phase", where, lock), build)
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        execute(cursor, sql, params)
         row = cursor.fetchone()
     return None if row is None else PHASE_ROWS.instance(connection, row)
 

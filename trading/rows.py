@@ -7,12 +7,37 @@ none to these models)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
+from itertools import count
 from typing import Any
 
 from django.db import connection as default_connection
 
 _SQL: dict[tuple[Any, ...], str] = {}
+_FORMAT = re.compile(r"(?<!%)%s")  # Django's SQLite backend's, for "%s" placeholders
+_NAMED: dict[str, tuple[str, int]] = {}
+_NAMES: list[str] = []
+
+
+def execute(cursor: Any, sql: str, params: Sequence[Any]) -> Any:
+    """``cursor.execute(sql, params)``; on SQLite with the ``%s`` placeholders named
+    (``%(p0)s``, ``%(p1)s``, ...; the statement named once) and the parameters passed by
+    name: Django's SQLite cursor turns ``%s`` into ``?`` with a regular expression over the
+    whole statement on every execution (tens of microseconds for a long one), and named
+    placeholders with one ``%`` formatting. The same statement, parameters and result."""
+    if cursor.db.vendor != "sqlite":
+        return cursor.execute(sql, params)
+    named = _NAMED.get(sql)
+    if named is None:
+        counter = count()
+        named = _NAMED[sql] = (_FORMAT.sub(lambda _: f"%(p{next(counter)})s", sql), next(counter))
+    n = len(params)
+    if n != named[1]:  # as many parameters as placeholders, or the error Django raises
+        return cursor.execute(sql, params)
+    if n > len(_NAMES):
+        _NAMES.extend(f"p{i}" for i in range(len(_NAMES), n))
+    return cursor.execute(named[0], dict(zip(_NAMES, params, strict=False)))
 
 
 def sql_once(connection: Any, key: tuple[Any, ...], build: Callable[[], str]) -> str:
@@ -81,7 +106,7 @@ class ModelRows:
 
         sql = sql_once(connection, (self.table, "insert", *(f.attname for f in fields)), build)
         with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+            execute(cursor, sql, params)
             if returning:
                 return cursor.fetchone()[0]
             return connection.ops.last_insert_id(cursor, self.table, self.pk.column)
@@ -117,7 +142,7 @@ class ModelRows:
             if v is not None
         ]
         with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+            execute(cursor, sql, params)
             return cursor.rowcount
 
     def update(self, connection: Any, instance: Any, attnames: list[str]) -> None:

@@ -78,3 +78,27 @@ def test_model_rows_read_insert_and_update_as_the_orm():
     position_rows.update(connection, read, ["qty", "last_price"])
     orm.refresh_from_db()
     assert (orm.qty, orm.last_price, orm.avg_entry, orm.updated_at) == (3.0, 0.2, 0.1, T)
+
+
+def test_execute_with_named_placeholders_answers_as_cursor_execute():
+    dep = make_deployment()
+    for symbol, qty in ((ETH, 0.5), ("ET%", 2.0), (LTC, 0.0)):
+        Position.objects.create(deployment=dep, symbol=symbol, qty=qty)
+    sql = (
+        "SELECT symbol, qty, '100%%' FROM trading_position"
+        " WHERE deployment_id = %s AND (symbol LIKE 'ET%%' OR qty > %s) AND symbol <> '%%s'"
+        " ORDER BY symbol"
+    )
+    params = [dep.pk, 1.0]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        expected = cursor.fetchall()
+        rows.execute(cursor, sql, params)
+        assert cursor.fetchall() == expected == [("ET%", 2.0, "100%"), (ETH, 0.5, "100%")]
+        rows.execute(cursor, sql, params)  # the named statement, once written, again
+        assert cursor.fetchall() == expected
+        with pytest.raises(Exception) as direct:
+            cursor.execute(sql, [dep.pk])
+        with pytest.raises(Exception) as named:
+            rows.execute(cursor, sql, [dep.pk])  # too few parameters: Django's own error
+        assert type(named.value) is type(direct.value)
