@@ -35,7 +35,7 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Max, Min
+from django.db.models import DateField, DateTimeField, Field, Max, Min
 from django.db.models.constants import OnConflict
 from django.utils import timezone
 
@@ -193,7 +193,7 @@ class Holding:
         written once."""
         connection = transaction.get_connection()
         with connection.cursor() as cursor:
-            cursor.execute(_reload_sql(connection, _HOLDING_SQL), [deployment_id, symbol])
+            rows.execute(cursor, _reload_sql(connection, _HOLDING_SQL), [deployment_id, symbol])
             row = cursor.fetchone()
         qty = (row[0] if row is not None else None) or 0.0
         if qty <= 0:
@@ -346,7 +346,7 @@ def _stored_signal(deployment: Deployment, candle: Candle) -> Signal:
                 converters.append((i, funcs, col))
         _SIGNAL_CONVERTERS[key] = converters
     with connection.cursor() as cursor:
-        cursor.execute(sql, [deployment.pk, candle.pk])
+        rows.execute(cursor, sql, [deployment.pk, candle.pk])
         row = cursor.fetchone()
     if row is None:
         raise Signal.DoesNotExist("Signal matching query does not exist.")
@@ -370,7 +370,7 @@ def _deployment(connection: Any, cursor: Any, pk: int) -> Deployment:
             f" WHERE d.{qn(Deployment._meta.pk.column)} = %s"
         )
 
-    cursor.execute(rows.sql_once(connection, ("strategy_deployment",), build), [pk])
+    rows.execute(cursor, rows.sql_once(connection, ("strategy_deployment",), build), [pk])
     row = cursor.fetchone()
     if row is None:
         raise Deployment.DoesNotExist("Deployment matching query does not exist.")
@@ -421,12 +421,14 @@ class Account:
         with connection.cursor() as cursor:
             self.deployment = _deployment(connection, cursor, pk)
             self.cash = self.deployment.cash
-            cursor.execute(_reload_sql(connection, _POSITIONS_SQL), [pk])
-            rows = cursor.fetchall()
-            cursor.execute(_reload_sql(connection, _LAST_SNAPSHOT_SQL), [pk])
+            rows.execute(cursor, _reload_sql(connection, _POSITIONS_SQL), [pk])
+            positions = cursor.fetchall()
+            rows.execute(cursor, _reload_sql(connection, _LAST_SNAPSHOT_SQL), [pk])
             last = cursor.fetchone()
-        self.positions = {symbol: _Mark(qty, avg, mark) for symbol, qty, avg, mark, *_ in rows}
-        self.levels = {symbol: (stop, target) for symbol, qty, *_, stop, target in rows if qty > 0}
+        self.positions = {symbol: _Mark(qty, avg, mark) for symbol, qty, avg, mark, *_ in positions}
+        self.levels = {
+            symbol: (stop, target) for symbol, qty, *_, stop, target in positions if qty > 0
+        }
         if last is not None:
             ts = _SNAPSHOT_TS.get_col(EquitySnapshot._meta.db_table)
             for convert in connection.ops.get_db_converters(ts) + ts.get_db_converters(connection):
@@ -503,6 +505,28 @@ _PLAIN_TYPES = {
 }
 
 
+def _plain_type(field: Any) -> type | None:
+    """The Python type whose values ``field.get_db_prep_save`` returns unchanged: a plain
+    column's, or a foreign key's to an integer primary key (its ints pass as they are)."""
+    if field.is_relation and field.many_to_one:
+        target = field.target_field.get_internal_type()
+        return int if target in ("AutoField", "BigAutoField", "IntegerField") else None
+    return _PLAIN_TYPES.get(field.get_internal_type())
+
+
+def _reads_attribute(field: Any) -> bool:
+    """``field.pre_save(obj, add)`` is ``getattr(obj, field.attname)``: the base pre_save, or
+    a date's without auto_now and auto_now_add."""
+    if type(field).pre_save is Field.pre_save:
+        return True
+    return (
+        isinstance(field, DateField)
+        and type(field).pre_save in (DateField.pre_save, DateTimeField.pre_save)
+        and not field.auto_now
+        and not field.auto_now_add
+    )
+
+
 class _Inserts:
     """``Model.objects.bulk_create(objs[, ignore_conflicts=True])`` of plain rows (no
     expressions, no signals: none is connected to these models) with the statement of each
@@ -515,9 +539,16 @@ class _Inserts:
         self.fields = [f for f in model._meta.concrete_fields if not f.primary_key]
         # The Python type whose values a field writes unchanged (its get_db_prep_save is
         # the identity on them): those skip the call.
-        self.plain = [_PLAIN_TYPES.get(f.get_internal_type()) for f in self.fields]
+        self.plain = [_plain_type(f) for f in self.fields]
+        # The attribute a field's pre_save reads unchanged (no auto_now and the like), or
+        # None: pre_save is called.
+        self.attnames = [f.attname if _reads_attribute(f) else None for f in self.fields]
+        # UTC datetimes are prepared once per value and batch (the rows of a flush share
+        # their times).
+        self.once = [f.get_internal_type() == "DateTimeField" for f in self.fields]
         self.on_conflict = OnConflict.IGNORE if ignore_conflicts else None
         self._sql: dict[tuple[str, str, int], str] = {}
+        self._batch: dict[tuple[str, str], int] = {}
 
     def _statement(self, connection: Any, rows: int, returning: bool) -> str:
         key = (connection.alias, connection.vendor, rows)
@@ -537,25 +568,43 @@ class _Inserts:
             self._sql[key] = sql
         return sql
 
+    def _batch_size(self, connection: Any, objs: list[Any]) -> int:
+        """``bulk_batch_size`` (the backend's, which depends on the number of fields when
+        there are several), once per database."""
+        if len(self.fields) < 2:
+            return max(1, connection.ops.bulk_batch_size(self.fields, objs))
+        key = (connection.alias, connection.vendor)
+        batch = self._batch.get(key)
+        if batch is None:
+            batch = self._batch[key] = max(1, connection.ops.bulk_batch_size(self.fields, objs))
+        return batch
+
     def insert(self, objs: list[Any]) -> None:
         connection = transaction.get_connection()
         returning = (
             self.on_conflict is None and connection.features.can_return_rows_from_bulk_insert
         )
-        batch = max(1, connection.ops.bulk_batch_size(self.fields, objs))
-        fields = self.fields
+        batch = self._batch_size(connection, objs)
+        columns = list(zip(self.fields, self.plain, self.attnames, self.once, strict=True))
+        prepared: dict[tuple[int, Any], Any] = {}
         with connection.cursor() as cursor:
             for start in range(0, len(objs), batch):
                 chunk = objs[start : start + batch]
                 params = []
                 for obj in chunk:
                     obj._prepare_related_fields_for_save(operation_name="bulk_create")
-                    for f, plain in zip(fields, self.plain, strict=True):
-                        value = f.pre_save(obj, True)
+                    for i, (f, plain, attname, once) in enumerate(columns):
+                        value = getattr(obj, attname) if attname else f.pre_save(obj, True)
                         if value is None or type(value) is not plain:
-                            value = f.get_db_prep_save(value, connection)
+                            if once and type(value) is datetime and value.tzinfo is UTC:
+                                key = (i, value)
+                                if key not in prepared:
+                                    prepared[key] = f.get_db_prep_save(value, connection)
+                                value = prepared[key]
+                            else:
+                                value = f.get_db_prep_save(value, connection)
                         params.append(value)
-                cursor.execute(self._statement(connection, len(chunk), returning), params)
+                rows.execute(cursor, self._statement(connection, len(chunk), returning), params)
                 if returning:
                     for obj, (pk,) in zip(chunk, cursor.fetchall(), strict=True):
                         obj.pk = pk
