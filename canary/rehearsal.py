@@ -420,10 +420,7 @@ class Cadence:
             self._see(snap.equity, snap.equity)
             entered = entered or snap.ts == clock
         if written:
-            rows = EquitySnapshot.objects.filter(
-                deployment_id=self.rollout.deployment_id, pk__gt=self.last_id
-            ).values_list("pk", "ts", "equity")
-            for pk, ts, equity in rows:
+            for pk, ts, equity in _marks_after(self.rollout.deployment_id, self.last_id):
                 self._see(equity, equity)
                 self.last_id = max(self.last_id, pk)
                 self.later.append(ts)
@@ -438,6 +435,36 @@ class Cadence:
         if self.ends_at is not None and clock >= self.ends_at:
             return True
         return self.last_step is None or (clock - self.last_step).total_seconds() >= self.every_s
+
+
+def _marks_after(deployment_id: int, last_id: int) -> list[tuple[int, datetime, float]]:
+    """``EquitySnapshot.objects.filter(deployment_id=..., pk__gt=last_id).values_list("pk",
+    "ts", "equity")`` with its SQL written once, the times turned as the ORM turns them."""
+    connection = transaction.get_connection()
+    table = EquitySnapshot._meta.db_table
+
+    def build() -> str:
+        qn = connection.ops.quote_name
+        return (
+            f"SELECT {qn('id')}, {qn('ts')}, {qn('equity')} FROM {qn(table)}"
+            f" WHERE {qn('deployment_id')} = %s AND {qn('id')} > %s"
+        )
+
+    with connection.cursor() as cursor:
+        execute(
+            cursor,
+            services.sql_once(connection, ("cadence_marks",), build),
+            [deployment_id, last_id],
+        )
+        rows = cursor.fetchall()
+    col = EquitySnapshot._meta.get_field("ts").get_col(table)
+    converters = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+    marks = []
+    for pk, ts, equity in rows:
+        for convert in converters:
+            ts = convert(ts, col, connection)
+        marks.append((pk, ts, equity))
+    return marks
 
 
 def _current_phase_times(rollout_id: int) -> tuple[int, datetime | None, datetime | None]:

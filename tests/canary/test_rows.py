@@ -184,3 +184,23 @@ def test_the_rollback_to_join_is_the_orms_newest_match(make_user, seed):
             phase, running_id = _phase_and_rollback(services.lock_rollout(rollout.pk))
         assert running_id == expected
         assert phase is not None and phase.index == 1
+
+
+def test_the_cadences_new_marks_are_the_orms():
+    """The rehearsal's cadence reads the marks written since the last it saw with SQL
+    written once: the ORM's rows, times aware."""
+    from canary.rehearsal import _marks_after
+    from trading.models import EquitySnapshot
+
+    deployment, other = make_deployment(), make_deployment(name="other")
+    made = [add_equity(rng, when=at(30 * i), equity=10.0 - i) for i, rng in
+            enumerate((deployment, other, deployment, deployment, other))]  # fmt: skip
+    for last in (0, made[0].pk, made[2].pk, made[-1].pk):
+        orm = EquitySnapshot.objects.filter(deployment_id=deployment.pk, pk__gt=last)
+        expected = sorted(orm.values_list("pk", "ts", "equity"))
+        got = sorted(_marks_after(deployment.pk, last))
+        assert got == expected
+        assert all(ts.tzinfo is not None for _, ts, _ in got)
+    assert [pk for pk, _, _ in sorted(_marks_after(deployment.pk, 0))] == [
+        made[0].pk, made[2].pk, made[3].pk
+    ]  # fmt: skip
