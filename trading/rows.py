@@ -17,7 +17,7 @@ from django.db import connection as default_connection
 _SQL: dict[tuple[Any, ...], str] = {}
 _FORMAT = re.compile(r"(?<!%)%s")  # Django's SQLite backend's, for "%s" placeholders
 _NAMED: dict[str, tuple[str, int]] = {}
-_NAMES: list[str] = []
+_NAMES = tuple(f"p{i}" for i in range(1000))  # never changed: threads share it
 
 
 def execute(cursor: Any, sql: str, params: Sequence[Any]) -> Any:
@@ -35,9 +35,8 @@ def execute(cursor: Any, sql: str, params: Sequence[Any]) -> Any:
     n = len(params)
     if n != named[1]:  # as many parameters as placeholders, or the error Django raises
         return cursor.execute(sql, params)
-    if n > len(_NAMES):
-        _NAMES.extend(f"p{i}" for i in range(len(_NAMES), n))
-    return cursor.execute(named[0], dict(zip(_NAMES, params, strict=False)))
+    names = _NAMES if n <= len(_NAMES) else [f"p{i}" for i in range(n)]
+    return cursor.execute(named[0], dict(zip(names, params, strict=False)))
 
 
 def sql_once(connection: Any, key: tuple[Any, ...], build: Callable[[], str]) -> str:

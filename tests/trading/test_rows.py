@@ -102,3 +102,11 @@ def test_execute_with_named_placeholders_answers_as_cursor_execute():
         with pytest.raises(Exception) as named:
             rows.execute(cursor, sql, [dep.pk])  # too few parameters: Django's own error
         assert type(named.value) is type(direct.value)
+
+
+def test_execute_names_more_parameters_than_it_keeps_names_for():
+    params = list(range(1200))
+    sql = "SELECT " + ", ".join(["%s"] * len(params))
+    with connection.cursor() as cursor:
+        rows.execute(cursor, sql, params)
+        assert list(cursor.fetchone()) == params
