@@ -75,7 +75,7 @@ from .exchange import (
     validate_order,
 )
 from .models import Deployment, KillSwitch, Order, OrderStatus, Position, Signal
-from .rows import insert_row, update_rows
+from .rows import ModelRows, insert_row, update_rows
 
 log = logging.getLogger(__name__)
 
@@ -353,8 +353,9 @@ def _refuse(deployment: Deployment, reason: str, payload: dict[str, Any]) -> Ord
 
 # Read before every order: one fixed statement, raw SQL to spare the ORM compiling its
 # subqueries and join each time. One row per position (or one row of NULLs).
+_DEPLOYMENT_ROWS = ModelRows(Deployment, "d")
 _FRESH_SQL = """
-SELECT d.*,
+SELECT {columns},
        (SELECT u.client_order_id FROM {order} u
         WHERE u.deployment_id = d.id AND u.status = %s LIMIT 1) AS unknown_order,
        (SELECT q.client_order_id FROM {order} q
@@ -379,7 +380,9 @@ def _fresh(
     order with ``client_id``, None when there is none), ``held`` (symbol -> (qty, last
     price) of its non-zero positions) and ``books`` (symbol -> ``portfolio.Book`` of each
     position row, for ``portfolio.fill_record``'s conditional update)."""
+    deployments = _DEPLOYMENT_ROWS
     sql = _FRESH_SQL.format(
+        columns=deployments.columns(connection),
         order=Order._meta.db_table,
         deployment=Deployment._meta.db_table,
         position=Position._meta.db_table,
@@ -392,14 +395,18 @@ def _fresh(
         client_id,
         deployment_id,
     ]
-    rows = list(Deployment.objects.raw(sql, params))
+    rows = portfolio.fetchall_prepared(sql, params)
     if not rows:
         raise Deployment.DoesNotExist(f"deployment {deployment_id} does not exist")
-    deployment = rows[0]
-    mine = [r for r in rows if r.p_symbol is not None]
-    deployment.held = {r.p_symbol: (r.p_qty, r.p_last) for r in mine if r.p_qty != 0}  # type: ignore[attr-defined]
+    n = len(deployments.fields)
+    deployment = deployments.instance(connection, rows[0][:n])
+    unknown, pending, existing = rows[0][n : n + 3]
+    deployment.unknown_order, deployment.pending_entry = unknown, pending  # type: ignore[attr-defined]
+    deployment.existing_order = existing  # type: ignore[attr-defined]
+    mine = [row[n + 3 :] for row in rows if row[n + 3] is not None]
+    deployment.held = {sym: (qty, last) for sym, qty, _, _, last in mine if qty != 0}  # type: ignore[attr-defined]
     deployment.books = {  # type: ignore[attr-defined]
-        r.p_symbol: portfolio.Book(r.p_qty, r.p_avg_entry, r.p_realised) for r in mine
+        sym: portfolio.Book(qty, avg, realised) for sym, qty, avg, realised, _ in mine
     }
     return deployment
 

@@ -269,17 +269,31 @@ def fill_record_claimed(
     return FillClaim(True, True, fill_id, snapshot_id, appended)
 
 
-def _fetchone_prepared(sql: str, params: list[Any]) -> tuple:
-    """PostgreSQL: run ``sql`` on a server-binding cursor, so that the connection prepares
-    it once it has run it ``prepare_threshold`` times (settings) and then skips parsing and
-    planning it; through Django's cursor wrapper (its error translation, query log and
-    execute wrappers) all the same."""
+def _prepared_cursor() -> Any:
+    """PostgreSQL: a server-binding cursor, so that the connection prepares a statement
+    once it has run it ``prepare_threshold`` times (settings) and then skips parsing and
+    planning it; wrapped as Django wraps its own (error translation, query log, execute
+    wrappers). Elsewhere: Django's cursor."""
+    if connection.vendor != "postgresql":
+        return connection.cursor()
     import psycopg
 
     connection.ensure_connection()
-    with connection._prepare_cursor(psycopg.Cursor(connection.connection)) as cursor:
+    return connection._prepare_cursor(psycopg.Cursor(connection.connection))
+
+
+def _fetchone_prepared(sql: str, params: list[Any]) -> tuple:
+    with _prepared_cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchone()
+
+
+def fetchall_prepared(sql: str, params: list[Any]) -> list[tuple]:
+    """The rows of ``sql``, prepared on its connection on PostgreSQL (``_prepared_cursor``):
+    for reads made on every order."""
+    with _prepared_cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
 
 
 def positions_mark(*, deployment_id: int, symbol: str, price: float) -> int:
