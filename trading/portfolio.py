@@ -27,7 +27,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from .models import Candle, Deployment, EquitySnapshot, Fill, Order, Position
-from .rows import insert_row, update_rows
+from .rows import insert_row, prepared_cursor, update_rows
 
 QTY_DECIMALS = 12
 
@@ -269,29 +269,16 @@ def fill_record_claimed(
     return FillClaim(True, True, fill_id, snapshot_id, appended)
 
 
-def _prepared_cursor() -> Any:
-    """PostgreSQL: a server-binding cursor, so that the connection prepares a statement
-    once it has run it ``prepare_threshold`` times (settings) and then skips parsing and
-    planning it; wrapped as Django wraps its own (error translation, query log, execute
-    wrappers). Elsewhere: Django's cursor."""
-    if connection.vendor != "postgresql":
-        return connection.cursor()
-    import psycopg
-
-    connection.ensure_connection()
-    return connection._prepare_cursor(psycopg.Cursor(connection.connection))
-
-
 def _fetchone_prepared(sql: str, params: list[Any]) -> tuple:
-    with _prepared_cursor() as cursor:
+    with prepared_cursor(connection) as cursor:
         cursor.execute(sql, params)
         return cursor.fetchone()
 
 
 def fetchall_prepared(sql: str, params: list[Any]) -> list[tuple]:
-    """The rows of ``sql``, prepared on its connection on PostgreSQL (``_prepared_cursor``):
-    for reads made on every order."""
-    with _prepared_cursor() as cursor:
+    """The rows of ``sql``, prepared on its connection on PostgreSQL
+    (``rows.prepared_cursor``): for reads made on every order."""
+    with prepared_cursor(connection) as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
 

@@ -39,6 +39,19 @@ def execute(cursor: Any, sql: str, params: Sequence[Any]) -> Any:
     return cursor.execute(named[0], dict(zip(names, params, strict=False)))
 
 
+def prepared_cursor(connection: Any) -> Any:
+    """On PostgreSQL a server-binding cursor, so that the connection prepares a statement
+    once it has run it ``prepare_threshold`` times (settings) and then skips parsing and
+    planning it (for statements run on every order), wrapped as Django wraps its own
+    (error translation, query log, execute wrappers). Elsewhere Django's cursor."""
+    if connection.vendor != "postgresql":
+        return connection.cursor()
+    import psycopg
+
+    connection.ensure_connection()
+    return connection._prepare_cursor(psycopg.Cursor(connection.connection))
+
+
 def sql_once(connection: Any, key: tuple[Any, ...], build: Callable[[], str]) -> str:
     """The SQL ``build()`` writes for ``key``, written once per database and backend."""
     full = (connection.alias, connection.vendor, *key)
@@ -104,7 +117,7 @@ class ModelRows:
             return f"{sql} RETURNING {qn(self.pk.column)}" if returning else sql
 
         sql = sql_once(connection, (self.table, "insert", *(f.attname for f in fields)), build)
-        with connection.cursor() as cursor:
+        with prepared_cursor(connection) as cursor:
             execute(cursor, sql, params)
             if returning:
                 return cursor.fetchone()[0]
