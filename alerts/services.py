@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from trading.models import Candle
+from trading.rows import insert_rows
 
 from . import presence, selectors
 from .detectors import Candle as PureCandle
@@ -133,47 +134,6 @@ class _Fanout:
         return False
 
 
-_INSERT_SQL: dict[tuple, str] = {}
-_INSERT_ROWS = 500
-_KEPT_SQL_ROWS = 16
-
-
-def _insert_rows(objs: list[Any]) -> list[Any]:
-    """bulk_create for the rows written on every candle and delivery: new instances of one
-    model inserted with INSERT ... RETURNING (their ids set in order), values prepared as
-    the ORM prepares them, the statement kept per model, database and (small) row count.
-    No model signals are sent (none are connected to these models)."""
-    if not objs:
-        return objs
-    meta = objs[0]._meta
-    fields = [f for f in meta.concrete_fields if not f.primary_key]
-    for start in range(0, len(objs), _INSERT_ROWS):
-        chunk = objs[start : start + _INSERT_ROWS]
-        key = (meta.label, connection.vendor, len(chunk))
-        sql = _INSERT_SQL.get(key)
-        if sql is None:
-            quote = connection.ops.quote_name
-            row = f"({', '.join(['%s'] * len(fields))})"
-            sql = (
-                f"INSERT INTO {quote(meta.db_table)}"
-                f" ({', '.join(quote(f.column) for f in fields)})"
-                f" VALUES {', '.join([row] * len(chunk))} RETURNING {quote(meta.pk.column)}"
-            )
-            if len(chunk) <= _KEPT_SQL_ROWS:
-                _INSERT_SQL[key] = sql
-        params = [
-            f.get_db_prep_save(f.pre_save(obj, True), connection) for obj in chunk for f in fields
-        ]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            ids = [pk for (pk,) in cursor.fetchall()]
-        for obj, pk in zip(chunk, ids, strict=True):
-            obj.pk = pk
-            obj._state.adding = False
-            obj._state.db = connection.alias
-    return objs
-
-
 def _delivery_rows(alert: Alert, fan: _Fanout) -> list[Delivery]:
     rows = [
         Delivery(alert=alert, channel=Channel.EMAIL, recipient=r.email, user_id=r.user_id)
@@ -194,7 +154,7 @@ def _queue_deliveries(alerts: list[Alert], fan: _Fanout) -> None:
     webhook) in one INSERT, WebSocket ones (pending until the broadcast) in another."""
     if not alerts:
         return
-    rows = _insert_rows([row for a in alerts for row in _delivery_rows(a, fan)])
+    rows = insert_rows([row for a in alerts for row in _delivery_rows(a, fan)])
     fan.queued += [r.pk for r in rows if r.status == DeliveryStatus.PENDING]
     fan.websocket_rows += _websocket_rows(alerts, fan)
     fan.delivered += alerts
@@ -356,7 +316,7 @@ def _record_candle_alerts(events: list[_Event], fan: _Fanout, *, rerun: bool) ->
     two, instead of a savepoint per alert."""
     if rerun:
         return [a for a in (_record_alert(e, fan) for e in events) if a is not None]
-    alerts = _insert_rows([_new_alert(e, fan) for e in events])
+    alerts = insert_rows([_new_alert(e, fan) for e in events])
     for alert in alerts:
         _audit_alert(alert, fan)
     _queue_deliveries([a for a in alerts if not a.suppressed], fan)
@@ -836,7 +796,7 @@ def _record_attempt(
         status, retry_in = DeliveryStatus.RETRYING, backoff_s(delivery.attempts)
     message = error.message[:500] if error else ""
     with transaction.atomic():
-        _insert_rows(
+        insert_rows(
             [
                 DeliveryAttempt(
                     delivery=delivery,

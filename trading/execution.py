@@ -75,7 +75,7 @@ from .exchange import (
     validate_order,
 )
 from .models import Deployment, KillSwitch, Order, OrderStatus, Position, Signal
-from .rows import ModelRows, insert_row, update_rows
+from .rows import ModelRows, fetchall_prepared, insert_row, update_rows
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ def _fresh(
         client_id,
         deployment_id,
     ]
-    rows = portfolio.fetchall_prepared(sql, params)
+    rows = fetchall_prepared(sql, params)
     if not rows:
         raise Deployment.DoesNotExist(f"deployment {deployment_id} does not exist")
     n = len(deployments.fields)

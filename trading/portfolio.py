@@ -27,7 +27,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from .models import Candle, Deployment, EquitySnapshot, Fill, Order, Position
-from .rows import insert_row, prepared_cursor, update_rows
+from .rows import fetchall_prepared, insert_row, update_rows
 
 QTY_DECIMALS = 12
 
@@ -262,25 +262,11 @@ def fill_record_claimed(
         ts,
         *audit_params,
     ]  # fmt: skip
-    oid, pid, fill_id, snapshot_id, *event = _fetchone_prepared(sql, params)
+    oid, pid, fill_id, snapshot_id, *event = fetchall_prepared(sql, params)[0]
     if fill_id is None:
         return FillClaim(oid is not None, pid is not None, None, None)
     appended = audit_appended(audit, event, connection.alias)
     return FillClaim(True, True, fill_id, snapshot_id, appended)
-
-
-def _fetchone_prepared(sql: str, params: list[Any]) -> tuple:
-    with prepared_cursor(connection) as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchone()
-
-
-def fetchall_prepared(sql: str, params: list[Any]) -> list[tuple]:
-    """The rows of ``sql``, prepared on its connection on PostgreSQL
-    (``rows.prepared_cursor``): for reads made on every order."""
-    with prepared_cursor(connection) as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchall()
 
 
 def positions_mark(*, deployment_id: int, symbol: str, price: float) -> int:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from itertools import count
 from typing import Any
 
 from django.db import connection as default_connection
+from django.db import transaction
+from django.db.models import DateField, DateTimeField, Field
+from django.db.models.constants import OnConflict
 
 _SQL: dict[tuple[Any, ...], str] = {}
 _FORMAT = re.compile(r"(?<!%)%s")  # Django's SQLite backend's, for "%s" placeholders
@@ -50,6 +54,14 @@ def prepared_cursor(connection: Any) -> Any:
 
     connection.ensure_connection()
     return connection._prepare_cursor(psycopg.Cursor(connection.connection))
+
+
+def fetchall_prepared(sql: str, params: Sequence[Any]) -> list[tuple]:
+    """The rows of ``sql`` on the default database, prepared on its connection on
+    PostgreSQL (``prepared_cursor``): for statements run on every order."""
+    with prepared_cursor(default_connection) as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
 
 
 def sql_once(connection: Any, key: tuple[Any, ...], build: Callable[[], str]) -> str:
@@ -191,3 +203,135 @@ def update_rows(model: type, where: dict[str, Any], values: dict[str, Any]) -> i
     """``model.objects.filter(**where).update(**values)`` for equality (or ``None``: IS NULL)
     conditions on field names; the number of rows updated."""
     return rows_of(model).update_where(default_connection, where, values)
+
+
+_PLAIN_TYPES = {
+    "FloatField": float,
+    "CharField": str,
+    "TextField": str,
+    "BigIntegerField": int,
+    "IntegerField": int,
+    "PositiveIntegerField": int,
+    "PositiveSmallIntegerField": int,
+    "SmallIntegerField": int,
+    "BooleanField": bool,
+}
+
+
+def _plain_type(field: Any) -> type | None:
+    """The Python type whose values ``field.get_db_prep_save`` returns unchanged: a plain
+    column's, or a foreign key's to an integer primary key (its ints pass as they are)."""
+    if field.is_relation and field.many_to_one:
+        target = field.target_field.get_internal_type()
+        return int if target in ("AutoField", "BigAutoField", "IntegerField") else None
+    return _PLAIN_TYPES.get(field.get_internal_type())
+
+
+def _reads_attribute(field: Any) -> bool:
+    """``field.pre_save(obj, add)`` is ``getattr(obj, field.attname)``: the base pre_save, or
+    a date's without auto_now and auto_now_add."""
+    if type(field).pre_save is Field.pre_save:
+        return True
+    return (
+        isinstance(field, DateField)
+        and type(field).pre_save in (DateField.pre_save, DateTimeField.pre_save)
+        and not field.auto_now
+        and not field.auto_now_add
+    )
+
+
+class BulkInsert:
+    """``Model.objects.bulk_create(objs[, ignore_conflicts=True])`` of plain rows (no
+    expressions, no signals: none is connected to these models) with the statement of each
+    batch size written once per backend (kept for small batches and the full batch size):
+    the strategy, the ingestion and the alerts write rows on every candle, and the ORM's
+    bulk_create costs more CPU to build than the statement to run. The objects get their
+    ids where the backend returns them (not with ``ignore_conflicts``)."""
+
+    def __init__(self, model: type[Any], *, ignore_conflicts: bool = False) -> None:
+        self.model = model
+        self.fields = [f for f in model._meta.concrete_fields if not f.primary_key]
+        # The Python type whose values a field writes unchanged (its get_db_prep_save is
+        # the identity on them): those skip the call.
+        self.plain = [_plain_type(f) for f in self.fields]
+        # The attribute a field's pre_save reads unchanged (no auto_now and the like), or
+        # None: pre_save is called.
+        self.attnames = [f.attname if _reads_attribute(f) else None for f in self.fields]
+        # UTC datetimes are prepared once per value and batch (the rows of a flush share
+        # their times).
+        self.once = [f.get_internal_type() == "DateTimeField" for f in self.fields]
+        self.on_conflict = OnConflict.IGNORE if ignore_conflicts else None
+        self._sql: dict[tuple[str, str, int], str] = {}
+
+    def _statement(self, connection: Any, rows: int, full: int, returning: bool) -> str:
+        key = (connection.alias, connection.vendor, rows)
+        sql = self._sql.get(key)
+        if sql is None:
+            ops, qn = connection.ops, connection.ops.quote_name
+            one = "({})".format(", ".join(["%s"] * len(self.fields)))
+            suffix = ops.on_conflict_suffix_sql(self.fields, self.on_conflict, None, None)
+            sql = "{} {} ({}) VALUES {}{}{}".format(
+                ops.insert_statement(on_conflict=self.on_conflict),
+                qn(self.model._meta.db_table),
+                ", ".join(qn(f.column) for f in self.fields),
+                ", ".join([one] * rows),
+                f" {suffix}" if suffix else "",
+                f" RETURNING {qn(self.model._meta.pk.column)}" if returning else "",
+            )
+            if rows <= _KEPT_ROWS or rows == full:  # not one per row count seen
+                self._sql[key] = sql
+        return sql
+
+    def insert(self, objs: list[Any]) -> list[Any]:
+        """Insert ``objs`` (new instances of the model); returns them."""
+        if not objs:
+            return objs
+        connection = transaction.get_connection()
+        returning = (
+            self.on_conflict is None and connection.features.can_return_rows_from_bulk_insert
+        )
+        # The backend's batch (SQLite's from its parameter limit; PostgreSQL's: all rows).
+        batch = max(1, connection.ops.bulk_batch_size(self.fields, objs))
+        full = batch if batch < len(objs) else 0  # the size of the chunks a split repeats
+        columns = list(zip(self.fields, self.plain, self.attnames, self.once, strict=True))
+        prepared: dict[tuple[int, Any], Any] = {}
+        with connection.cursor() as cursor:
+            for start in range(0, len(objs), batch):
+                chunk = objs[start : start + batch]
+                params = []
+                for obj in chunk:
+                    obj._prepare_related_fields_for_save(operation_name="bulk_create")
+                    for i, (f, plain, attname, once) in enumerate(columns):
+                        value = getattr(obj, attname) if attname else f.pre_save(obj, True)
+                        if value is None or type(value) is not plain:
+                            if once and type(value) is datetime and value.tzinfo is UTC:
+                                key = (i, value)
+                                if key not in prepared:
+                                    prepared[key] = f.get_db_prep_save(value, connection)
+                                value = prepared[key]
+                            else:
+                                value = f.get_db_prep_save(value, connection)
+                        params.append(value)
+                execute(cursor, self._statement(connection, len(chunk), full, returning), params)
+                if returning:
+                    for obj, (pk,) in zip(chunk, cursor.fetchall(), strict=True):
+                        obj.pk = pk
+        for obj in objs:
+            obj._state.adding = False
+            obj._state.db = connection.alias
+        return objs
+
+
+_KEPT_ROWS = 16
+_BULK: dict[type, BulkInsert] = {}
+
+
+def insert_rows(objs: list[Any]) -> list[Any]:
+    """``BulkInsert`` of ``objs``, new instances of one model, their ids set in order."""
+    if not objs:
+        return objs
+    model = type(objs[0])
+    bulk = _BULK.get(model)
+    if bulk is None:
+        bulk = _BULK[model] = BulkInsert(model)
+    return bulk.insert(objs)

@@ -14,6 +14,7 @@ from audit.services import audit_record
 
 from .candles import KEY_FIELDS, FieldError, candle_key, validate_batch
 from .models import Candle, Deployment, MarketStream
+from .rows import insert_rows
 
 
 class CandleBatchInvalid(Exception):
@@ -117,38 +118,6 @@ def _touch_streams(new: list[Candle], now: datetime) -> set[int]:
     return late
 
 
-_INSERTED = ("exchange", "symbol", "timeframe", "open_time_ms", "close_time_ms",
-             *Candle.VALUE_FIELDS, "source", "ingested_at", "late")  # fmt: skip
-
-
-_INSERT_ROWS = 500  # per statement: 7,000 parameters, within every database's limit
-
-
-def _insert_candles(new: list[Candle]) -> None:
-    """INSERT ... RETURNING, as bulk_create writes them (ids set on the candles in order),
-    without preparing each value through its field."""
-    quote = connection.ops.quote_name
-    stamp = connection.ops.adapt_datetimefield_value
-    row = f"({', '.join(['%s'] * len(_INSERTED))})"
-    for start in range(0, len(new), _INSERT_ROWS):
-        chunk = new[start : start + _INSERT_ROWS]
-        params: list[Any] = []
-        for candle in chunk:
-            values = [getattr(candle, name) for name in _INSERTED]
-            values[_INSERTED.index("ingested_at")] = stamp(candle.ingested_at)
-            params += values
-        sql = (
-            f"INSERT INTO {quote(Candle._meta.db_table)} ({', '.join(map(quote, _INSERTED))})"
-            f" VALUES {', '.join([row] * len(chunk))} RETURNING {quote('id')}"
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            ids = [pk for (pk,) in cursor.fetchall()]
-        for candle, pk in zip(chunk, ids, strict=True):
-            candle.pk = pk
-            candle._state.adding = False
-
-
 def _insert(cleaned: list[dict], *, source: str, actor: Any, request: Any) -> IngestResult:
     now = timezone.now()
     existing = _existing(cleaned)
@@ -174,7 +143,7 @@ def _insert(cleaned: list[dict], *, source: str, actor: Any, request: Any) -> In
     late_positions = _touch_streams(new, now)
     for pos in late_positions:
         new[pos].late = True
-    _insert_candles(new)
+    insert_rows(new)
     result = IngestResult(
         created_ids=[c.pk for c in new],
         duplicates=len(cleaned) - len(new),

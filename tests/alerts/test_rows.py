@@ -1,5 +1,5 @@
 """Rows the alerts app writes on every candle and delivery without the ORM's bulk_create
-(alerts.services._insert_rows): the same rows, their ids set in order."""
+(trading.rows.insert_rows): the same rows, their ids set in order."""
 
 from datetime import UTC, datetime
 
@@ -24,7 +24,7 @@ def _alert(n: int, **fields):
 
 def test_inserted_rows_read_back_as_made_with_their_ids_in_order():
     from alerts.models import Alert
-    from alerts.services import _insert_rows
+    from trading.rows import insert_rows as _insert_rows
 
     made = _insert_rows([_alert(1, payload={"k": [1, "x"]}), _alert(2, suppressed=True), _alert(3)])
     assert [a.pk for a in made] == sorted(a.pk for a in made)
@@ -43,7 +43,7 @@ def test_inserted_rows_read_back_as_made_with_their_ids_in_order():
 
 def test_more_rows_than_one_statement_takes():
     from alerts.models import Alert
-    from alerts.services import _insert_rows
+    from trading.rows import insert_rows as _insert_rows
 
     made = _insert_rows([_alert(n) for n in range(1, 1203)])
     stored = dict(Alert.objects.values_list("pk", "event_ms"))

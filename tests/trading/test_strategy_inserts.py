@@ -1,4 +1,4 @@
-"""The strategy's buffered rows written with SQL written once (``trading.strategy._Inserts``):
+"""The strategy's buffered rows written with SQL written once (``trading.rows.BulkInsert``):
 the rows ``bulk_create`` writes, their ids set."""
 
 from __future__ import annotations
