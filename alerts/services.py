@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Count, Exists, OuterRef, Q
 from django.utils import timezone
 
@@ -558,6 +559,93 @@ def candles_process(*, candle_ids: Iterable[int]) -> list[Alert]:
 
 def candle_process(*, candle_id: int) -> list[Alert]:
     return candles_process(candle_ids=[candle_id])
+
+
+# --------------------------------------------------------------------------- queueing
+
+QUEUED_KEY = "alerts:candles:queued"
+_queue_client: redis.Redis | None = None
+
+
+def _queue_flags() -> redis.Redis:
+    """The broker's Redis (the flag goes with the queue it stands for)."""
+    global _queue_client
+    if _queue_client is None:
+        _queue_client = redis.Redis.from_url(
+            settings.CELERY_BROKER_URL, socket_timeout=2, socket_connect_timeout=2
+        )
+    return _queue_client
+
+
+def candles_queue(candle_ids: list[int]) -> None:
+    """Queue the processing of newly stored candles (after their transaction commits).
+
+    One processing run is queued at a time: a Redis flag is set when one is sent and
+    cleared by that run as it starts, before it reads the pending candles, so a run
+    still waiting in the queue takes the candles stored meanwhile as well (it processes
+    every stream with pending candles). A feed posting hundreds of candles a second then
+    costs a task per run, not per request, and each stream's backlog is taken in one
+    transaction. The flag expires after ALERTS_QUEUED_FLAG_TTL_S in case its task is lost;
+    when Redis cannot be read the task is sent anyway, and when sending fails the flag is
+    cleared so that the next candles send theirs."""
+    from .tasks import process_candles
+
+    try:
+        first = _queue_flags().set(QUEUED_KEY, "1", nx=True, ex=settings.ALERTS_QUEUED_FLAG_TTL_S)
+    except redis.RedisError as err:
+        log.warning("candle processing flag unreadable, queuing anyway: %s", err)
+        first = True
+    if not first:
+        return
+    try:
+        process_candles.delay(candle_ids, pending=True)
+    except Exception:
+        _clear_queued_flag()
+        raise
+
+
+def _clear_queued_flag() -> None:
+    try:
+        _queue_flags().delete(QUEUED_KEY)
+    except redis.RedisError as err:
+        log.warning("candle processing flag not cleared: %s", err)
+
+
+_PENDING_STREAMS = selectors.Prepared(
+    lambda: (
+        Candle.objects.filter(processed_at__isnull=True, late=False)
+        .order_by("exchange", "symbol", "timeframe")
+        .values_list("exchange", "symbol", "timeframe")
+        .distinct()
+    )
+)
+
+
+def pending_streams() -> list[tuple[str, str, str]]:
+    """(exchange, symbol, timeframe) of every stream with unprocessed in-order candles, in
+    order (a partial index holds just those candles)."""
+    return [tuple(row) for row in _PENDING_STREAMS.rows()]
+
+
+def candles_process_pending() -> list[Alert]:
+    """The queued run of candles_queue: clear the flag, then process every stream with
+    pending candles. A stream whose processing fails is logged and left pending (its
+    candles are taken again by the next run) without holding up the other streams; the
+    run then fails with the first such error. A database error ends the run at once."""
+    _clear_queued_flag()
+    alerts: list[Alert] = []
+    failed: Exception | None = None
+    for exchange, symbol, timeframe in pending_streams():
+        try:
+            alerts += stream_process(exchange=exchange, symbol=symbol, timeframe=timeframe)
+        except DatabaseError:
+            raise
+        except Exception as exc:
+            log.exception("stream %s:%s:%s not processed", exchange, symbol, timeframe)
+            failed = failed or exc
+    if failed is not None:
+        raise failed
+    return alerts
 
 
 # --------------------------------------------------------------------------- raised alerts

@@ -8,13 +8,17 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError, connection
 
-from .services import candles_process, deliveries_sweep, delivery_send
+from .services import candles_process, candles_process_pending, deliveries_sweep, delivery_send
 
 log = logging.getLogger(__name__)
 
 
 @shared_task(name="alerts.process_candles", acks_late=True, time_limit=120, soft_time_limit=100)
-def process_candles(candle_ids: list[int]) -> int:
+def process_candles(candle_ids: list[int], pending: bool = False) -> int:
+    """The streams of these candles; ``pending``: every stream with pending candles (the
+    run queued by candles_queue, which may have taken candles stored after these)."""
+    if pending:
+        return len(candles_process_pending())
     return len(candles_process(candle_ids=candle_ids))
 
 

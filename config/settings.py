@@ -269,6 +269,11 @@ ALERTS_PRESENCE_TTL_S = env.float("ALERTS_PRESENCE_TTL_S", default=60.0)
 ALERTS_WS_RATE = env.float("ALERTS_WS_RATE", default=10.0)
 ALERTS_WS_BURST = env.float("ALERTS_WS_BURST", default=20.0)
 ALERTS_PROCESS_BATCH = env.int("ALERTS_PROCESS_BATCH", default=2000)
+# Seconds a queued candle-processing run holds off sending another (alerts.services.
+# candles_queue); the run clears it as it starts; the expiry only matters if its task is lost.
+ALERTS_QUEUED_FLAG_TTL_S = env.int("ALERTS_QUEUED_FLAG_TTL_S", default=30)
+if ALERTS_QUEUED_FLAG_TTL_S <= 0:
+    raise ImproperlyConfigured("ALERTS_QUEUED_FLAG_TTL_S must be > 0")
 # The sweeper (alerts.services.deliveries_sweep, beat and each worker start) queues again
 # the deliveries whose task was lost: pending or overdue for ALERTS_SWEEP_AFTER_S, or
 # sending and claimed longer than ALERTS_CLAIM_STALE_S ago. A stale claim is taken over,

@@ -25,7 +25,16 @@ class Candle(models.Model):
                 fields=["exchange", "symbol", "timeframe", "open_time_ms"], name="uniq_candle"
             )
         ]
-        indexes = [models.Index(fields=["exchange", "symbol", "timeframe", "-open_time_ms"])]
+        indexes = [
+            models.Index(fields=["exchange", "symbol", "timeframe", "-open_time_ms"]),
+            # The candles waiting for the alerts pipeline (alerts.services.pending_streams):
+            # a handful at any time, however long the history.
+            models.Index(
+                fields=["exchange", "symbol", "timeframe"],
+                condition=models.Q(processed_at__isnull=True, late=False),
+                name="candle_pending",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.exchange}:{self.symbol}:{self.timeframe}@{self.open_time_ms}"

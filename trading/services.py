@@ -207,11 +207,11 @@ def candles_ingest(
             with transaction.atomic():
                 result = _insert(cleaned, source=source, actor=actor, request=request)
                 if result.to_process:
-                    from alerts.tasks import process_candles
+                    from alerts.services import candles_queue
 
                     ids = result.to_process
                     timeframes = {item["timeframe"] for item in cleaned}
-                    transaction.on_commit(lambda ids=ids: process_candles.delay(ids))
+                    transaction.on_commit(partial(candles_queue, ids))
                     transaction.on_commit(partial(_queue_strategy, ids, timeframes))
             return result
         except CandleConflict as conflict:
