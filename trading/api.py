@@ -1,4 +1,6 @@
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.db.models import Exists, OuterRef
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
 from rest_framework import status
@@ -21,11 +23,18 @@ class LenientJSONParser(JSONParser):
     strict = False
 
 
+INGEST = "audit.ingest_candles"
+
+
 def _token_with_user(key: str):
     user_model = get_user_model()
+    app_label, _, codename = INGEST.partition(".")
+    perms = Permission.objects.filter(content_type__app_label=app_label, codename=codename)
     return Token.objects.filter(key=key).values_list(
         *(f.name for f in Token._meta.concrete_fields),
         *(f"user__{f.name}" for f in user_model._meta.concrete_fields),
+        Exists(perms.filter(user=OuterRef("user")))
+        | Exists(perms.filter(group__user=OuterRef("user"))),
     )
 
 
@@ -33,25 +42,29 @@ _TOKEN_WITH_USER = Prepared(_token_with_user, key=("sample-a", "sample-b"))
 
 
 class IngestTokenAuthentication(TokenAuthentication):
-    """DRF's token authentication, with the token and its user read as one row by SQL
-    compiled once (the ORM builds and compiles its select_related query on every request;
-    a feed posts hundreds of times a second). A missing token or inactive user goes
-    through DRF's own check, which refuses it in its words."""
+    """DRF's token authentication, with the token, its user and whether the user holds the
+    ingestion permission (directly or through a group) read as one row by SQL compiled once
+    (the ORM builds and compiles its select_related query on every request, and the
+    permission check would be a query of its own; a feed posts hundreds of times a second).
+    The permission check (audit.permissions.holds) takes that answer. A missing token or
+    inactive user goes through DRF's own check, which refuses it in its words."""
 
     def authenticate_credentials(self, key):
         rows = _TOKEN_WITH_USER.rows(key=key)
         if not rows:
             return super().authenticate_credentials(key)
+        *row, granted = rows[0]
         split = len(Token._meta.concrete_fields)
         token = Token.from_db(
-            "default", [f.attname for f in Token._meta.concrete_fields], rows[0][:split]
+            "default", [f.attname for f in Token._meta.concrete_fields], row[:split]
         )
         user_model = get_user_model()
         token.user = user_model.from_db(
-            "default", [f.attname for f in user_model._meta.concrete_fields], rows[0][split:]
+            "default", [f.attname for f in user_model._meta.concrete_fields], row[split:]
         )
         if not token.user.is_active:
             return super().authenticate_credentials(key)
+        token.user.granted_permissions = {INGEST: bool(granted)}
         return token.user, token
 
 
@@ -102,7 +115,7 @@ class CandleIngestView(APIView):
 
     authentication_classes = [IngestTokenAuthentication, SessionAuthentication]
     parser_classes = [LenientJSONParser]
-    permission_classes = [requires("audit.ingest_candles")]
+    permission_classes = [requires(INGEST)]
     throttle_classes = [IngestRateThrottle]
 
     def post(self, request):
