@@ -7,6 +7,7 @@ from rest_framework import status
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
 from rest_framework.authtoken.models import Token
 from rest_framework.parsers import JSONParser
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import APIView
@@ -115,6 +116,7 @@ class CandleIngestView(APIView):
 
     authentication_classes = [IngestTokenAuthentication, SessionAuthentication]
     parser_classes = [LenientJSONParser]
+    renderer_classes = [JSONRenderer]  # a feed's endpoint: no browsable page to negotiate
     permission_classes = [requires(INGEST)]
     throttle_classes = [IngestRateThrottle]
 
