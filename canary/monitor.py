@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -56,6 +57,9 @@ class StepResult:
     reasons: list[str] = field(default_factory=list)
     evaluation_id: int | None = None
     error: str | None = None
+    # (index, started_at, ends_at) of the current phase as the step left it, when the step
+    # extended it (the only change it made to the phase): not part of ``to_dict``.
+    phase_times: tuple[int, datetime | None, datetime | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -165,9 +169,10 @@ def _evaluate_and_act(rollout: Rollout, phase: Phase | None, now: datetime) -> S
     if phase is None or phase.started_at is None:
         return StepResult(rollout.pk, rollout.state, error="no current phase")
     thresholds = _thresholds(rollout.thresholds)
-    metrics = phase_metrics(deployment=rollout.deployment, since=phase.started_at, now=now)
-    if _consume_db_failure(rollout.deployment_id):
-        metrics = replace(metrics, db_ok=False)
+    with _db_failure_asked(rollout.deployment_id) as db_failure:
+        metrics = phase_metrics(deployment=rollout.deployment, since=phase.started_at, now=now)
+        if db_failure():
+            metrics = replace(metrics, db_ok=False)
     verdict = evaluate(metrics, thresholds, phase.index)
     decision = _decision(rollout, phase, verdict, now)
     connection = transaction.get_connection()
@@ -188,9 +193,10 @@ def _evaluate_and_act(rollout: Rollout, phase: Phase | None, now: datetime) -> S
         },
     )
     _alert_verdict(rollout, phase, verdict, evaluation_id, previous_verdict, now)
+    extended = None
     if decision.action is not Action.NONE:
         # The services that change the rollout copy its new state into this instance.
-        _apply(rollout, phase, verdict, decision, now)
+        extended = _apply(rollout, phase, verdict, decision, now)
     return StepResult(
         rollout.pk,
         rollout.state,
@@ -199,6 +205,9 @@ def _evaluate_and_act(rollout: Rollout, phase: Phase | None, now: datetime) -> S
         decision.action.value,
         reasons,
         evaluation_id,
+        phase_times=None
+        if extended is None
+        else (extended.index, extended.started_at, extended.ends_at),
     )
 
 
@@ -264,7 +273,8 @@ def _decision(rollout: Rollout, phase: Phase, verdict: Verdict, now: datetime) -
 
 def _apply(
     rollout: Rollout, phase: Phase, verdict: Verdict, decision: Decision, now: datetime
-) -> None:
+) -> Phase | None:
+    """Apply the decision; the phase as extended for an EXTEND."""
     action = decision.action
     reasons = [r.message for r in verdict.reasons]
     detail = f"{decision.reason}: {'; '.join(reasons)}" if reasons else decision.reason
@@ -285,11 +295,14 @@ def _apply(
         services.rollout_mark_live(rollout=rollout, actor=actor, reason=decision.reason, now=now)
     elif action is Action.EXTEND:
         warning = verdict.outcome is Outcome.WARNING
-        services.phase_extend(rollout=rollout, phase=phase, warning=warning, reason=detail, now=now)
+        return services.phase_extend(
+            rollout=rollout, phase=phase, warning=warning, reason=detail, now=now
+        )
     elif action is Action.PAUSE:
         services.rollout_pause(rollout=rollout, actor=actor, reason=detail[:300], now=now)
     elif action is Action.AWAIT_PROMOTE:
         _await_promote(rollout, phase, now)
+    return None
 
 
 def _await_promote(rollout: Rollout, phase: Phase, now: datetime) -> None:
@@ -390,3 +403,51 @@ def _consume_db_failure(deployment_id: int) -> bool:
         return bool(redis_client().getdel(DB_FAILURE_KEY.format(deployment_id=deployment_id)))
     except Exception:  # noqa: BLE001 - no Redis: no remembered failure
         return False
+
+
+@contextlib.contextmanager
+def _db_failure_asked(deployment_id: int) -> Iterator[Callable[[], bool]]:
+    """``_consume_db_failure`` asked early: an EXISTS of the flag is sent on entry (before
+    the metrics' SQL) and its reply read by the callable, so that the round trip to Redis
+    overlaps the step's queries instead of adding to them. The flag is consumed (GETDEL,
+    whose answer decides) only when it exists, so that a step never takes it without
+    acting on it; a flag set after the EXISTS is found by the next step. Without a
+    connection to Redis there is no remembered failure (as for ``_consume_db_failure``);
+    a question that failed on the way is asked again by ``_consume_db_failure`` itself."""
+    from .heartbeat import redis_client
+
+    pool = conn = None
+    try:
+        pool = redis_client().connection_pool
+        conn = pool.get_connection()  # connected, with the client's retries
+    except Exception:  # noqa: BLE001 - no Redis: no remembered failure
+        conn = None
+    sent = False
+    if conn is not None:
+        try:
+            conn.send_command("EXISTS", DB_FAILURE_KEY.format(deployment_id=deployment_id))
+            sent = True
+        except Exception:  # noqa: BLE001 - asked again the usual way, with its retries
+            pool.release(conn)
+    pending = sent
+
+    def answer() -> bool:
+        nonlocal pending
+        if not pending:
+            return conn is not None and _consume_db_failure(deployment_id)
+        pending = False
+        try:
+            found = conn.read_response()
+        except Exception:  # noqa: BLE001 - asked again the usual way, with its retries
+            conn.disconnect()
+            found = True
+        finally:
+            pool.release(conn)
+        return bool(found) and _consume_db_failure(deployment_id)
+
+    try:
+        yield answer
+    finally:
+        if pending:  # never answered (the step failed first): its reply is left unread
+            conn.disconnect()
+            pool.release(conn)

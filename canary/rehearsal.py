@@ -379,10 +379,13 @@ class Cadence:
         self.later: list[datetime] = []  # marks written, stamped after the last candle time
         self.armed = False
 
-    def phase_changed(self) -> bool:
-        """Re-read the current phase (after a step that acted). True when it is a new one:
-        a new drawdown window, its marks from the last one at or before the phase start."""
-        index, started, self.ends_at = _current_phase_times(self.rollout.pk)
+    def phase_changed(
+        self, times: tuple[int, datetime | None, datetime | None] | None = None
+    ) -> bool:
+        """Re-read the current phase (after a step that acted; ``times``: its index, start
+        and end as the step reported them, when it did). True when it is a new one: a new
+        drawdown window, its marks from the last one at or before the phase start."""
+        index, started, self.ends_at = times or _current_phase_times(self.rollout.pk)
         if (index, started) == self.phase:
             return False
         self.phase = (index, started)
@@ -543,7 +546,7 @@ def _step(
     progress.clock = clock
     cadence.last_step = clock
     acted = result.state not in STOP_STATES and result.action not in ("NONE", "")
-    if acted and cadence.phase_changed():
+    if acted and cadence.phase_changed(result.phase_times):
         feed.account.reload()  # a new allocation
     progress.monitor_s += time.perf_counter() - t0
     return result.state in STOP_STATES

@@ -975,17 +975,19 @@ def phase_extend(
     transaction (the monitor step's): a failure here fails that step, as its audit record's
     would."""
     with transaction.atomic(savepoint=False):
-        locked = read_phase("p.id = %s", [phase.pk], lock=True)
+        locked = _phase_extended(phase, warning=warning, now=now)
         if locked is None:
-            raise Phase.DoesNotExist("Phase matching query does not exist.")
-        locked.ends_at = now + timedelta(seconds=locked.extension_s)
-        locked.extensions += 1
-        locked.consecutive_warnings = locked.consecutive_warnings + 1 if warning else 0
-        PHASE_ROWS.update(
-            transaction.get_connection(),
-            locked,
-            ["ends_at", "extensions", "consecutive_warnings"],
-        )
+            locked = read_phase("p.id = %s", [phase.pk], lock=True)
+            if locked is None:
+                raise Phase.DoesNotExist("Phase matching query does not exist.")
+            locked.ends_at = now + timedelta(seconds=locked.extension_s)
+            locked.extensions += 1
+            locked.consecutive_warnings = locked.consecutive_warnings + 1 if warning else 0
+            PHASE_ROWS.update(
+                transaction.get_connection(),
+                locked,
+                ["ends_at", "extensions", "consecutive_warnings"],
+            )
         _audit(
             "rollout.extend",
             actor=actor,
@@ -1000,6 +1002,38 @@ def phase_extend(
             request=None,
         )
     return locked
+
+
+_UPDATE_RETURNING = ("postgresql", "sqlite")  # SQLite since 3.35, as Django 5.2 requires
+_ENDS_AT = Phase._meta.get_field("ends_at")
+
+
+def _phase_extended(phase: Phase, *, warning: bool, now: datetime) -> Phase | None:
+    """``phase_extend``'s read of the locked row and its update as one statement: the
+    UPDATE locks the row and counts from its values, ``ends_at`` from the caller's
+    ``extension_s`` (a condition of the statement); the row as written, or None when the
+    statement cannot say (no such row, another ``extension_s``, no UPDATE ... RETURNING)."""
+    connection = transaction.get_connection()
+    if connection.vendor not in _UPDATE_RETURNING:
+        return None
+
+    def build() -> str:
+        qn = connection.ops.quote_name
+        returning = ", ".join(qn(f.column) for f in PHASE_ROWS.fields)
+        return (
+            f"UPDATE {qn(Phase._meta.db_table)} SET {qn('ends_at')} = %s,"
+            f" {qn('extensions')} = {qn('extensions')} + 1,"
+            f" {qn('consecutive_warnings')} = CASE WHEN %s"
+            f" THEN {qn('consecutive_warnings')} + 1 ELSE 0 END"
+            f" WHERE {qn('id')} = %s AND {qn('extension_s')} = %s RETURNING {returning}"
+        )
+
+    ends_at = _ENDS_AT.get_db_prep_save(now + timedelta(seconds=phase.extension_s), connection)
+    sql = sql_once(connection, ("phase_extended",), build)
+    with connection.cursor() as cursor:
+        execute(cursor, sql, [ends_at, bool(warning), phase.pk, phase.extension_s])
+        row = cursor.fetchone()
+    return None if row is None else PHASE_ROWS.instance(connection, row)
 
 
 def phase_reset_warnings(*, phase: Phase) -> None:

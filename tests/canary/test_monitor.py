@@ -257,6 +257,95 @@ def test_remembered_database_loss_fails_the_next_step(rollout, redis_url):
     assert step(rollout, 6).state == "ROLLING_BACK"
 
 
+def test_remembered_database_loss_is_taken_once_and_only_when_acted_on(rollout, redis_url):
+    from canary.heartbeat import redis_client
+    from canary.monitor import _db_failure_asked
+
+    key = DB_FAILURE_KEY.format(deployment_id=rollout.deployment_id)
+    client = redis_client()
+    client.delete(key)
+    with _db_failure_asked(rollout.deployment_id) as failed:
+        client.set(key, "1")  # set after the question: the next step finds it
+        assert failed() is False
+    assert client.get(key) == b"1"
+    with pytest.raises(RuntimeError), _db_failure_asked(rollout.deployment_id):
+        raise RuntimeError("the step failed before it read the answer: the flag stays")
+    assert client.get(key) == b"1"
+    assert client.ping()  # the unread reply did not stay on a pooled connection
+    with _db_failure_asked(rollout.deployment_id) as failed:
+        assert failed() is True
+    assert client.get(key) is None
+    result = step(rollout, 30)
+    assert result.reasons != ["db_ok is False (database check failed)"]
+
+
+def test_remembered_database_loss_without_redis_is_none(rollout, monkeypatch):
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from canary import heartbeat
+    from canary.monitor import _db_failure_asked
+
+    unreachable = redis.Redis(
+        host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
+    monkeypatch.setattr(heartbeat, "redis_client", lambda: unreachable)
+    with _db_failure_asked(rollout.deployment_id) as failed:
+        assert failed() is False
+
+
+def test_remembered_database_loss_is_asked_again_when_the_early_question_fails(
+    rollout, redis_url, monkeypatch
+):
+    import redis
+
+    from canary.heartbeat import redis_client
+    from canary.monitor import _db_failure_asked
+
+    key = DB_FAILURE_KEY.format(deployment_id=rollout.deployment_id)
+    redis_client().set(key, "1")
+
+    calls = []
+
+    def broken(self, *args, **kwargs):
+        calls.append(args)
+        raise redis.ConnectionError("lost on the way")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(redis.connection.AbstractConnection, "send_command", broken)
+        with _db_failure_asked(rollout.deployment_id) as failed:
+            patch.undo()
+            assert failed() is True  # GETDEL, the usual way
+    assert calls == [("EXISTS", key)]
+    assert redis_client().get(key) is None
+
+
+def test_an_extension_reports_the_phase_times_it_wrote(rollout):
+    first = step(rollout, 60)
+    assert (first.verdict, first.action) == ("INCONCLUSIVE", "EXTEND")
+    phase = Phase.objects.get(rollout=rollout, index=1)
+    assert first.phase_times == (1, phase.started_at, phase.ends_at)
+    assert (phase.ends_at, phase.extensions, phase.consecutive_warnings) == (at(90), 1, 0)
+    assert "phase_times" not in first.to_dict()
+    assert step(rollout, 70).phase_times is None  # no action
+
+
+def test_an_extension_follows_the_rows_extension_when_the_callers_copy_is_stale(rollout):
+    phase = services.current_phase(reload(rollout))
+    Phase.objects.filter(pk=phase.pk).update(extension_s=45, extensions=2)
+    extended = services.phase_extend(
+        rollout=reload(rollout), phase=phase, warning=True, reason="test", now=at(60)
+    )
+    stored = Phase.objects.get(pk=phase.pk)
+    assert (stored.ends_at, stored.extensions, stored.consecutive_warnings) == (at(105), 3, 1)
+    assert (extended.ends_at, extended.extensions, extended.extension_s) == (at(105), 3, 45)
+    assert (
+        AuditEvent.objects.filter(action="rollout.extend").latest("id").payload["ends_at"]
+        == at(105).isoformat()
+    )
+
+
 def test_beat_schedules_the_monitor_task():
     from config.celery import app
 
