@@ -337,6 +337,9 @@ def _alert_verdict(
     previous_verdict: str | None,
     now: datetime,
 ) -> None:
+    warning = verdict.outcome is Outcome.WARNING and previous_verdict != Outcome.WARNING.value
+    if verdict.outcome is not Outcome.FAIL and not warning:
+        return  # no alert (a WARNING: once per run of WARNINGs)
     reasons = "; ".join(r.message for r in verdict.reasons)
     payload = {
         "rollout": rollout.pk,
@@ -354,7 +357,7 @@ def _alert_verdict(
             message=f"{rollout.name}: {title} in phase {phase.index}: {reasons}",
             payload={**payload, "kind": kind},
         )
-    elif verdict.outcome is Outcome.WARNING and previous_verdict != Outcome.WARNING.value:
+    else:
         services.canary_alert(
             key=f"rollout:{rollout.pk}:warning:{evaluation_id}",
             severity="warning",

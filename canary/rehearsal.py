@@ -251,7 +251,11 @@ class Feed:
         return len(tick) < len(self.series)
 
     def flush(self) -> None:
-        self.account.flush()
+        """The account's buffered rows and the streams' freshness, in one transaction."""
+        self.account.flush(also=self._streams_heard)
+        self.heard = {}
+
+    def _streams_heard(self) -> None:
         timeframe = self.series[0].timeframe
         exchange = self.series[0].items[0]["exchange"]
         for symbol, (open_ms, clock) in self.heard.items():
@@ -262,7 +266,6 @@ class Feed:
                 exchange=exchange, symbol=symbol, timeframe=timeframe, defaults=fields
             )
             self.written.add(symbol)
-        self.heard = {}
 
 
 _STREAM_SQL = (

@@ -26,7 +26,7 @@ router refuses stale signals).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -474,8 +474,12 @@ class Account:
             drawdown_pct=min(0.0, drawdown),
         )
 
-    def flush(self) -> None:
+    def flush(self, also: Callable[[], Any] | None = None) -> None:
+        """Write what is buffered in one transaction; ``also``: the caller's own writes, made
+        in the same transaction (alone when nothing is buffered)."""
         if not (self.candles or self.signals or self.snapshots or self.marks):
+            if also is not None:
+                also()
             return
         with transaction.atomic():
             if self.candles:
@@ -488,6 +492,8 @@ class Account:
                 portfolio.positions_mark(
                     deployment_id=self.deployment.pk, symbol=symbol, price=price
                 )
+            if also is not None:
+                also()
         self.candles, self.signals, self.snapshots, self.marks = [], [], [], {}
 
 
