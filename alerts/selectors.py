@@ -15,6 +15,8 @@ from django.db import connections
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from rest_framework.authtoken.models import Token
 
+from trading.rows import client_binding_cursor
+
 from .detectors import DetectorConfigError
 from .models import Alert, AlertRule, Delivery, DeliveryStatus, Silence
 from .rules import (
@@ -117,7 +119,7 @@ def rows_together(
     if connection.vendor != "postgresql":
         return [read.rows(using, **values) for read, values in reads]
     statements = [read.statement(using, **values) for read, values in reads]
-    with connection.cursor() as cursor:
+    with client_binding_cursor(connection) as cursor:
         cursor.execute(
             "; ".join(sql for sql, _ in statements), [p for _, params in statements for p in params]
         )

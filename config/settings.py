@@ -93,8 +93,17 @@ else:
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
     # Statements run on a server-binding cursor are prepared on their connection after this
     # many executions (the order path's fill record: PostgreSQL spends longer planning it
-    # than running it). The ORM's cursors bind on the client and are never prepared.
+    # than running it).
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
+    # The ORM's cursors bind on the server too, so that every statement run again and again
+    # (a candle's ingestion and processing, a monitor step) is prepared and planned once per
+    # connection instead of each time: about 1 ms of PostgreSQL's CPU less per candle POST
+    # (bench/bench_load.py). DB_SERVER_SIDE_BINDING=false binds on the client (statements
+    # are then parsed and planned on every run), e.g. behind a pooler that cannot keep
+    # prepared statements (then also set prepare_threshold to None).
+    DATABASES["default"]["OPTIONS"].setdefault(
+        "server_side_binding", env.bool("DB_SERVER_SIDE_BINDING", default=True)
+    )
     # A pool of connections (psycopg_pool) shared by the threads of one process: each
     # request takes one and gives it back when it ends, instead of opening its own. For the
     # web server (scripts/stack.py sets it there); not for the prefork Celery worker, which

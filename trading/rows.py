@@ -56,6 +56,20 @@ def prepared_cursor(connection: Any) -> Any:
     return connection._prepare_cursor(psycopg.Cursor(connection.connection))
 
 
+def client_binding_cursor(connection: Any) -> Any:
+    """A cursor that binds parameters on the client, wrapped as Django wraps its own: on
+    PostgreSQL with server-side binding (settings) for a query of several statements,
+    which a server-binding cursor refuses. Elsewhere Django's cursor."""
+    if connection.vendor != "postgresql" or not connection.settings_dict["OPTIONS"].get(
+        "server_side_binding"
+    ):
+        return connection.cursor()
+    from django.db.backends.postgresql.base import Cursor
+
+    connection.ensure_connection()
+    return connection._prepare_cursor(Cursor(connection.connection))
+
+
 def fetchall_prepared(sql: str, params: Sequence[Any]) -> list[tuple]:
     """The rows of ``sql`` on the default database, prepared on its connection on
     PostgreSQL (``prepared_cursor``): for statements run on every order."""
