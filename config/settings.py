@@ -54,6 +54,11 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "config.urls"
+# Threads of the ASGI server's process that run HTTP requests (config.asgi_handler), kept
+# from one request to the next; more requests at once wait for one.
+WEB_THREADS = env.int("WEB_THREADS", default=20)
+if WEB_THREADS < 1:
+    raise ImproperlyConfigured("WEB_THREADS must be >= 1")
 ASGI_APPLICATION = "config.asgi.application"
 
 TEMPLATES = [

@@ -1,11 +1,13 @@
 """The ASGI application's HTTP side (config.asgi_handler): the middleware chain is built
-synchronously and handed one thread per request, and a request through the ASGI app gets
-what the middleware and the API do (headers, authentication, a stored candle)."""
+synchronously, each request is handed once to a kept thread that also closes it (a
+streamed response is read there too), and a request through the ASGI app gets what the
+middleware and the API do (headers, authentication, a stored candle)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import pytest
 
@@ -24,8 +26,16 @@ CANDLE = {
 
 
 def asgi_request(method: str, path: str, body: bytes = b"", token: str = "") -> tuple[int, dict]:
+    status, headers, _ = asgi_exchange(method, path, body, token)
+    return status, headers
+
+
+def asgi_exchange(
+    method: str, path: str, body: bytes = b"", token: str = ""
+) -> tuple[int, dict, bytes]:
     from config.asgi import application
 
+    path, _, query = path.partition("?")
     headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
     headers.append((b"content-length", str(len(body)).encode()))
     if token:
@@ -38,7 +48,7 @@ def asgi_request(method: str, path: str, body: bytes = b"", token: str = "") -> 
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "root_path": "",
         "headers": headers,
         "client": ("127.0.0.1", 40000),
@@ -64,7 +74,29 @@ def asgi_request(method: str, path: str, body: bytes = b"", token: str = "") -> 
 
     asyncio.run(run())
     start = next(m for m in sent if m["type"] == "http.response.start")
-    return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}
+    content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
+    return start["status"], headers, content
+
+
+@pytest.fixture
+def request_threads():
+    """The thread of each request_started and request_finished signal, in order."""
+    from django.core import signals
+
+    seen: list[tuple[str, threading.Thread]] = []
+
+    def started(**kwargs):
+        seen.append(("started", threading.current_thread()))
+
+    def finished(**kwargs):
+        seen.append(("finished", threading.current_thread()))
+
+    signals.request_started.connect(started)
+    signals.request_finished.connect(finished)
+    yield seen
+    signals.request_started.disconnect(started)
+    signals.request_finished.disconnect(finished)
 
 
 def test_the_middleware_chain_is_synchronous():
@@ -89,3 +121,32 @@ def test_a_request_through_the_asgi_app(api_token):
     status, _ = asgi_request("POST", URL, body, token=api_token())
     assert status == 201
     assert Candle.objects.filter(symbol="ETH/BTC", open_time_ms=CANDLE["open_time_ms"]).exists()
+
+
+def test_each_request_runs_in_one_thread_kept_from_request_to_request(request_threads):
+    body = json.dumps([CANDLE]).encode()
+    for _ in range(3):
+        assert asgi_request("POST", URL, body)[0] == 401
+    assert [event for event, _ in request_threads] == ["started", "finished"] * 3
+    threads = {thread for _, thread in request_threads}
+    assert len(threads) == 1
+    [thread] = threads
+    assert thread.name.startswith("http") and thread is not threading.main_thread()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_streamed_response_is_read_and_sent_from_its_request_thread(api_token, request_threads):
+    from audit.services import audit_record
+
+    for i in range(3):
+        audit_record(action=f"test.stream.{i}", actor="test", payload={"i": i})
+    status, headers, content = asgi_exchange(
+        "GET",
+        "/api/v1/audit/export?action_prefix=test.stream.",
+        token=api_token("viewer", "Viewer"),
+    )
+    assert status == 200 and headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in content.splitlines()]
+    assert [line["action"] for line in lines] == [f"test.stream.{i}" for i in range(3)]
+    assert [event for event, _ in request_threads] == ["started", "finished"]
+    assert request_threads[0][1] is request_threads[1][1]
