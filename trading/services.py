@@ -104,18 +104,44 @@ def _touch_streams(new: list[Candle], now: datetime) -> set[int]:
     table = connection.ops.quote_name(MarketStream._meta.db_table)
     received_at = connection.ops.adapt_datetimefield_value(now)
     for stream, positions in by_stream.items():
-        pk, last, received = _lock_stream(stream)
-        for pos in sorted(positions, key=lambda p: new[p].open_time_ms):
+        ordered = sorted(positions, key=lambda p: new[p].open_time_ms)
+        newest = new[ordered[-1]].open_time_ms
+        last = _touch_stored_stream(stream, newest, received_at, len(positions))
+        if last is None:
+            pk, last, received = _lock_stream(stream)
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"UPDATE {table} SET last_open_time_ms = %s, last_received_at = %s,"
+                    " candles_received = %s WHERE id = %s",
+                    [max(last, newest), received_at, received + len(positions), pk],
+                )
+        for pos in ordered:
             if new[pos].open_time_ms < last:
                 late.add(pos)
             last = max(last, new[pos].open_time_ms)
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"UPDATE {table} SET last_open_time_ms = %s, last_received_at = %s,"
-                " candles_received = %s WHERE id = %s",
-                [last, received_at, received + len(positions), pk],
-            )
     return late
+
+
+def _touch_stored_stream(
+    stream: tuple[str, str, str], newest: int, received_at: Any, count: int
+) -> int | None:
+    """PostgreSQL: lock and update a stored stream's freshness row in one statement and
+    return its last open time before the update; None when the stream has no row yet, and
+    elsewhere (the caller then locks, creates and updates it in turn)."""
+    if connection.vendor != "postgresql":
+        return None
+    table = connection.ops.quote_name(MarketStream._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} AS s SET last_open_time_ms = GREATEST(o.last_open_time_ms, %s),"
+            " last_received_at = %s, candles_received = o.candles_received + %s"
+            f" FROM (SELECT id, last_open_time_ms, candles_received FROM {table}"
+            f" WHERE {_STREAM_WHERE} FOR UPDATE) AS o WHERE s.id = o.id"
+            " RETURNING o.last_open_time_ms",
+            [newest, received_at, count, *stream],
+        )
+        row = cursor.fetchone()
+    return None if row is None else row[0]
 
 
 def _insert(cleaned: list[dict], *, source: str, actor: Any, request: Any) -> IngestResult:
