@@ -13,6 +13,9 @@
 3. A phase holding 100,000 orders: the phase metrics in SQL and one whole monitor step
    (lock, metrics, verdict, decision, stored evaluation), median of 5.
 
+The web server and the worker run as in production: DEBUG off (no SQL query log), TLS
+taken to end in front of them (no redirect to https on loopback).
+
 ``--quick``: 100 clients, 10 s of POSTs, 10,000 orders. ``--web-processes N``: the POSTs
 against N uvicorn processes (the WebSocket figures are skipped then). Runs in a throwaway database (a
 temporary SQLite file, or a scratch PostgreSQL database when DATABASE_URL points at
@@ -126,6 +129,9 @@ def live_stack(tmp: Path, database_url: str, processes: int = 1) -> Iterator[Any
         stack.env.update(
             DATABASE_URL=no_persistent_connections(database_url), REDIS_URL=redis_url, CELERY_TASK_ALWAYS_EAGER="false",
             ALLOWED_HOSTS="127.0.0.1,localhost", PYTHONUNBUFFERED="1", LOG_LEVEL="WARNING",
+            # As in production (no SQL query log: with DEBUG on every statement is also
+            # rendered with its parameters for it), TLS ending in front of the server.
+            DEBUG="false", SECURE_SSL_REDIRECT="false",
         )  # fmt: skip
         port = free_port()
         stack.start_worker(concurrency=2)
