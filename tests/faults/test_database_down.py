@@ -21,6 +21,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import connection
 
 from tests.trading.binance_stub import API_KEY, API_SECRET, BinanceStub, StubMarket
 
@@ -113,6 +114,9 @@ def _env(stub: BinanceStub, tmp, prefix: str) -> dict[str, str]:
         "CANARY_MONITOR_INTERVAL_S": "1",
         "TRADING_RECONCILE_INTERVAL_S": "3600",
         "SAFETY_STREAM_SILENT_S": "600",
+        # SQLite's cut removes the directory link to the file: a connection opened before it
+        # keeps the file and goes on writing. Each task opens its own, as after a real loss.
+        **({"WORKER_DB_CONN_MAX_AGE": "0"} if connection.vendor == "sqlite" else {}),
     }
 
 
