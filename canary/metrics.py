@@ -37,7 +37,7 @@ from django.db import connections
 from django.db.models import QuerySet
 
 from trading.models import Deployment, EquitySnapshot, MarketStream, Order, OrderStatus, Signal
-from trading.rows import execute
+from trading.rows import execute, from_db
 
 from .engine import Metrics
 
@@ -311,7 +311,5 @@ _LAST_RECEIVED = MarketStream._meta.get_field("last_received_at")
 
 def _stream_gap_s(connection: Any, window: Window, earliest: Any) -> float | None:
     """``now`` minus the earliest of the streams' last candles (read by the statement)."""
-    col = _LAST_RECEIVED.get_col(MarketStream._meta.db_table)
-    for convert in connection.ops.get_db_converters(col) + col.get_db_converters(connection):
-        earliest = convert(earliest, col, connection)
+    earliest = from_db(connection, _LAST_RECEIVED)(earliest)
     return round(max(0.0, (window.now - earliest).total_seconds()), 3)

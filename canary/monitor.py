@@ -24,7 +24,7 @@ from typing import Any
 
 from django.db import DatabaseError, connection, transaction
 
-from trading.rows import ModelRows, execute
+from trading.rows import ModelRows, execute, fetch_one, sql_once
 
 from . import services
 from .engine import (
@@ -153,9 +153,7 @@ def _phase_and_rollback_sql(connection: Any) -> str:
 def _phase_and_rollback(rollout: Rollout) -> tuple[Phase | None, int | None]:
     """(the current phase, the newest rollback to join) of a locked rollout."""
     connection = transaction.get_connection()
-    sql = services.sql_once(
-        connection, ("phase_and_rollback",), lambda: _phase_and_rollback_sql(connection)
-    )
+    sql = sql_once(connection, ("phase_and_rollback",), lambda: _phase_and_rollback_sql(connection))
     params = [rollout.deployment_id, rollout.pk, rollout.pk, rollout.current_phase or 0]
     with connection.cursor() as cursor:
         execute(cursor, sql, params)
@@ -243,9 +241,7 @@ def _previous_verdict(connection: Any, phase_id: int) -> str | None:
             " LIMIT 1"
         )
 
-    with connection.cursor() as cursor:
-        execute(cursor, services.sql_once(connection, ("previous_verdict",), build), [phase_id])
-        row = cursor.fetchone()
+    row = fetch_one(connection, ("previous_verdict",), build, [phase_id])
     return None if row is None else row[0]
 
 

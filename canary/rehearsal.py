@@ -46,7 +46,7 @@ from django.db.models import Count, Max, Min
 
 from audit.roles import ensure_roles
 from trading.models import Candle, Deployment, EquitySnapshot, MarketStream, Order
-from trading.rows import execute
+from trading.rows import execute, fetch_one, from_db, sql_once
 from trading.timeframes import timeframe_ms
 
 from . import services
@@ -459,18 +459,12 @@ def _marks_after(deployment_id: int, last_id: int) -> list[tuple[int, datetime, 
     with connection.cursor() as cursor:
         execute(
             cursor,
-            services.sql_once(connection, ("cadence_marks",), build),
+            sql_once(connection, ("cadence_marks",), build),
             [deployment_id, last_id],
         )
         rows = cursor.fetchall()
-    col = EquitySnapshot._meta.get_field("ts").get_col(table)
-    converters = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
-    marks = []
-    for pk, ts, equity in rows:
-        for convert in converters:
-            ts = convert(ts, col, connection)
-        marks.append((pk, ts, equity))
-    return marks
+    ts_of = from_db(connection, EquitySnapshot._meta.get_field("ts"))
+    return [(pk, ts_of(ts), equity) for pk, ts, equity in rows]
 
 
 def _current_phase_times(rollout_id: int) -> tuple[int, datetime | None, datetime | None]:
@@ -487,18 +481,14 @@ def _current_phase_times(rollout_id: int) -> tuple[int, datetime | None, datetim
             " WHERE p.rollout_id = %s"
         )
 
-    with connection.cursor() as cursor:
-        execute(cursor, services.sql_once(connection, ("cadence_phase",), build), [rollout_id])
-        row = cursor.fetchone()
+    row = fetch_one(connection, ("cadence_phase",), build, [rollout_id])
     if row is None:
         return 0, None, None
-    times = []
-    for name, value in (("started_at", row[1]), ("ends_at", row[2])):
-        col = Phase._meta.get_field(name).get_col(Phase._meta.db_table)
-        for convert in connection.ops.get_db_converters(col) + col.get_db_converters(connection):
-            value = convert(value, col, connection)
-        times.append(value)
-    return row[0], times[0], times[1]
+    started, ends = (
+        from_db(connection, Phase._meta.get_field(name))(value)
+        for name, value in (("started_at", row[1]), ("ends_at", row[2]))
+    )
+    return row[0], started, ends
 
 
 def run_rollout(

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from trading.models import Deployment, KillSwitch
-from trading.rows import ModelRows, execute, sql_once
+from trading.rows import ModelRows, fetch_one
 
 from .engine import ThresholdError, Thresholds
 from .models import (
@@ -334,10 +334,7 @@ def lock_rollout(rollout_id: int) -> Rollout:
             f" WHERE r.{qn('id')} = %s{for_update(connection)}"
         )
 
-    sql = sql_once(connection, ("lock_rollout",), build)
-    with connection.cursor() as cursor:
-        execute(cursor, sql, [rollout_id])
-        row = cursor.fetchone()
+    row = fetch_one(connection, ("lock_rollout",), build, [rollout_id])
     if row is None:
         raise Rollout.DoesNotExist(f"{Rollout._meta.object_name} matching query does not exist.")
     n = len(ROLLOUT_ROWS.fields)
@@ -376,10 +373,7 @@ def read_phase(where: str, params: list[Any], *, lock: bool = False) -> Phase | 
             f" WHERE {where.format(index=qn('index'))}{for_update(connection) if lock else ''}"
         )
 
-    sql = sql_once(connection, ("read_phase", where, lock), build)
-    with connection.cursor() as cursor:
-        execute(cursor, sql, params)
-        row = cursor.fetchone()
+    row = fetch_one(connection, ("read_phase", where, lock), build, params)
     return None if row is None else PHASE_ROWS.instance(connection, row)
 
 
@@ -1029,10 +1023,12 @@ def _phase_extended(phase: Phase, *, warning: bool, now: datetime) -> Phase | No
         )
 
     ends_at = _ENDS_AT.get_db_prep_save(now + timedelta(seconds=phase.extension_s), connection)
-    sql = sql_once(connection, ("phase_extended",), build)
-    with connection.cursor() as cursor:
-        execute(cursor, sql, [ends_at, bool(warning), phase.pk, phase.extension_s])
-        row = cursor.fetchone()
+    row = fetch_one(
+        connection,
+        ("phase_extended",),
+        build,
+        [ends_at, bool(warning), phase.pk, phase.extension_s],
+    )
     return None if row is None else PHASE_ROWS.instance(connection, row)
 
 

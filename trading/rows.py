@@ -87,6 +87,30 @@ def sql_once(connection: Any, key: tuple[Any, ...], build: Callable[[], str]) ->
     return sql
 
 
+def fetch_one(
+    connection: Any, key: tuple[Any, ...], build: Callable[[], str], params: Sequence[Any]
+) -> tuple | None:
+    """The first row of the statement ``build()`` writes once for ``key`` (``sql_once``),
+    run with ``params``; None without one."""
+    with connection.cursor() as cursor:
+        execute(cursor, sql_once(connection, key, build), params)
+        return cursor.fetchone()
+
+
+def from_db(connection: Any, field: Field) -> Callable[[Any], Any]:
+    """A function turning a value read from ``field``'s column as the ORM turns it (an
+    aware datetime from SQLite's text, say)."""
+    col = field.get_col(field.model._meta.db_table)
+    funcs = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+
+    def convert(value: Any) -> Any:
+        for func in funcs:
+            value = func(value, col, connection)
+        return value
+
+    return convert
+
+
 class ModelRows:
     """A model's concrete columns read and written with SQL written once (``alias``: the
     table's alias in ``columns``)."""

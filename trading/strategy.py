@@ -429,9 +429,7 @@ class Account:
             symbol: (stop, target) for symbol, qty, *_, stop, target in positions if qty > 0
         }
         if last is not None:
-            ts = _SNAPSHOT_TS.get_col(EquitySnapshot._meta.db_table)
-            for convert in connection.ops.get_db_converters(ts) + ts.get_db_converters(connection):
-                last = (convert(last[0], ts, connection), last[1])
+            last = (rows.from_db(connection, _SNAPSHOT_TS)(last[0]), last[1])
         self.last_snapshot, self.peak = last if last is not None else (None, None)
 
     def holding(self, symbol: str) -> Holding:
