@@ -10,22 +10,7 @@ from django.db import connection
 
 from trading.models import Candle, MarketStream
 
-STEP = 60_000
-START = 1_600_000_000_000
-
-
-def _candle(i: int) -> dict:
-    return {
-        "exchange": "binance",
-        "symbol": "ETH/BTC",
-        "timeframe": "1m",
-        "open_time_ms": START + i * STEP,
-        "open": 1.0,
-        "high": 1.1,
-        "low": 0.9,
-        "close": 1.05,
-        "volume": 2.0,
-    }
+from .helpers import START_MS, STEP_MS, minute_candle
 
 
 @pytest.mark.django_db(transaction=True)
@@ -35,7 +20,7 @@ def test_writers_at_once_lose_no_count_and_keep_the_newest_open_time(monkeypatch
 
     monkeypatch.setattr(alert_services, "candles_queue", lambda ids: None)
     writers, each = 4, 15
-    candles_ingest(items=[_candle(-1)], actor="test")  # the stream's row exists
+    candles_ingest(items=[minute_candle(-1)], actor="test")  # the stream's row exists
     failures: list[BaseException] = []
     barrier = threading.Barrier(writers)
 
@@ -43,7 +28,7 @@ def test_writers_at_once_lose_no_count_and_keep_the_newest_open_time(monkeypatch
         try:
             barrier.wait(timeout=30)
             for k in range(each):
-                candles_ingest(items=[_candle(k * writers + w)], actor="test")
+                candles_ingest(items=[minute_candle(k * writers + w)], actor="test")
         except BaseException as exc:  # noqa: BLE001 - reported below
             failures.append(exc)
         finally:
@@ -58,7 +43,7 @@ def test_writers_at_once_lose_no_count_and_keep_the_newest_open_time(monkeypatch
     stream = MarketStream.objects.get()
     total = writers * each + 1
     assert Candle.objects.count() == stream.candles_received == total
-    assert stream.last_open_time_ms == START + (writers * each - 1) * STEP
+    assert stream.last_open_time_ms == START_MS + (writers * each - 1) * STEP_MS
     # A candle is late exactly when a newer one of its stream was stored before it.
     stored = list(Candle.objects.order_by("pk").values_list("open_time_ms", "late"))
     newest = None

@@ -13,28 +13,16 @@ from audit.models import AuditEvent
 from audit.permissions import REFUSED
 from trading.models import Candle
 
+from .helpers import minute_candle
+
 URL = "/api/v1/market/candles"
 pytestmark = pytest.mark.django_db
-
-
-def _candle(i: int = 0) -> dict:
-    return {
-        "exchange": "binance",
-        "symbol": "ETH/BTC",
-        "timeframe": "5m",
-        "open_time_ms": 1515560100000 + i * 300_000,
-        "open": 0.0984,
-        "high": 0.0995,
-        "low": 0.0982,
-        "close": 0.0994,
-        "volume": 1820.5,
-    }
 
 
 def _post(user: User, i: int = 0):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
-    return client.post(URL, [_candle(i)], format="json")
+    return client.post(URL, [minute_candle(i)], format="json")
 
 
 def _ingest_permission() -> Permission:

@@ -12,21 +12,9 @@ from rest_framework.throttling import UserRateThrottle
 from trading.api import IngestRateThrottle
 from trading.models import Candle
 
+from .helpers import minute_candle as candle
+
 URL = "/api/v1/market/candles"
-
-
-def candle(i: int) -> dict:
-    return {
-        "exchange": "binance",
-        "symbol": "ETH/BTC",
-        "timeframe": "1m",
-        "open_time_ms": 1_600_000_000_000 + i * 60_000,
-        "open": 1.0,
-        "high": 1.1,
-        "low": 0.9,
-        "close": 1.05,
-        "volume": 3.0,
-    }
 
 
 @pytest.fixture
