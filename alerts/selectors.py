@@ -157,9 +157,16 @@ def rule_specs() -> list[RuleSpec]:
     ]
 
 
-def rules_for_stream(symbol: str, timeframe: str) -> list[RuleSpec]:
-    """The stream's rules; a stored rule that cannot work (written around the validation)
-    is skipped with an error in the log rather than stopping the stream."""
+def rules_for_stream(
+    symbol: str, timeframe: str, usable: list[RuleSpec] | None = None
+) -> list[RuleSpec]:
+    """The stream's rules, out of ``usable`` (default: usable_rules(), read now)."""
+    return resolve_rules(usable_rules() if usable is None else usable, symbol, timeframe)
+
+
+def usable_rules() -> list[RuleSpec]:
+    """Every stored rule that can work; one that cannot (written around the validation) is
+    skipped with an error in the log rather than stopping its streams."""
     usable = []
     for spec in rule_specs():
         try:
@@ -174,7 +181,7 @@ def rules_for_stream(symbol: str, timeframe: str) -> list[RuleSpec]:
             )
             continue
         usable.append(spec)
-    return resolve_rules(usable, symbol, timeframe)
+    return usable
 
 
 SILENCES = Prepared(

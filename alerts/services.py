@@ -514,14 +514,17 @@ def _mark_processed(candle_ids: list[int], now: datetime) -> None:
         )
 
 
-def stream_process(*, exchange: str, symbol: str, timeframe: str) -> list[Alert]:
+def stream_process(
+    *, exchange: str, symbol: str, timeframe: str, rules: list[selectors.RuleSpec] | None = None
+) -> list[Alert]:
     """Run the stream's detectors on all its unprocessed in-order candles, in open-time
     order, and record the alerts. Late candles are never processed. A backlog is taken in
     one go (one transaction, one WebSocket broadcast), so a busy worker catches up. Who
     gets what (silences, recipients, presence) is read only when there are detections:
-    most candles have none."""
+    most candles have none. ``rules``: the usable rules, read once for several streams
+    (default: read now)."""
     stream = {"exchange": exchange, "symbol": symbol, "timeframe": timeframe}
-    specs = selectors.rules_for_stream(symbol, timeframe)
+    specs = selectors.rules_for_stream(symbol, timeframe, rules)
     by_name = {spec.detector: spec for spec in specs}
     detectors = [spec.build() for spec in specs]
     with transaction.atomic():
@@ -564,7 +567,19 @@ def candle_process(*, candle_id: int) -> list[Alert]:
 # --------------------------------------------------------------------------- queueing
 
 QUEUED_KEY = "alerts:candles:queued"
+POKE_KEY = "alerts:candles:more"
 _queue_client: redis.Redis | None = None
+
+# One round trip for a stored batch: take the flag (the caller then sends the run), or, if
+# a run holds it already, leave that run a word that more candles are stored.
+_FLAG_OR_POKE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 1 end
+redis.call('LPUSH', KEYS[2], '1')
+redis.call('LTRIM', KEYS[2], 0, 0)
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 0
+"""
+_flag_or_poke: Any = None
 
 
 def _queue_flags() -> redis.Redis:
@@ -577,21 +592,32 @@ def _queue_flags() -> redis.Redis:
     return _queue_client
 
 
+def _take_flag_or_poke() -> bool:
+    """True: the flag was free and is now taken (send a run)."""
+    global _flag_or_poke
+    client = _queue_flags()
+    if _flag_or_poke is None:
+        _flag_or_poke = client.register_script(_FLAG_OR_POKE)
+    keys, ttl = [QUEUED_KEY, POKE_KEY], settings.ALERTS_QUEUED_FLAG_TTL_S
+    return bool(_flag_or_poke(keys=keys, args=[ttl], client=client))
+
+
 def candles_queue(candle_ids: list[int]) -> None:
     """Queue the processing of newly stored candles (after their transaction commits).
 
-    One processing run is queued at a time: a Redis flag is set when one is sent and
-    cleared by that run as it starts, before it reads the pending candles, so a run
-    still waiting in the queue takes the candles stored meanwhile as well (it processes
-    every stream with pending candles). A feed posting hundreds of candles a second then
-    costs a task per run, not per request, and each stream's backlog is taken in one
-    transaction. The flag expires after ALERTS_QUEUED_FLAG_TTL_S in case its task is lost;
-    when Redis cannot be read the task is sent anyway, and when sending fails the flag is
-    cleared so that the next candles send theirs."""
+    One processing run at a time: a Redis flag is set when a run is sent and held by that
+    run while it works, and a batch stored meanwhile only tells it so (a list it waits on)
+    instead of sending another. The run processes every stream with pending candles,
+    again and again while candles keep coming, and lets the flag go once none came for
+    ALERTS_RUN_LINGER_S (candles_process_pending). A feed posting hundreds of candles a
+    second then costs one task, not one per request, and each stream's backlog is taken in
+    one transaction. The flag expires after ALERTS_QUEUED_FLAG_TTL_S in case its run is
+    lost; when Redis cannot be read the task is sent anyway, and when sending fails the
+    flag is cleared so that the next candles send theirs."""
     from .tasks import process_candles
 
     try:
-        first = _queue_flags().set(QUEUED_KEY, "1", nx=True, ex=settings.ALERTS_QUEUED_FLAG_TTL_S)
+        first = _take_flag_or_poke()
     except redis.RedisError as err:
         log.warning("candle processing flag unreadable, queuing anyway: %s", err)
         first = True
@@ -627,25 +653,92 @@ def pending_streams() -> list[tuple[str, str, str]]:
     return [tuple(row) for row in _PENDING_STREAMS.rows()]
 
 
-def candles_process_pending() -> list[Alert]:
-    """The queued run of candles_queue: clear the flag, then process every stream with
-    pending candles. A stream whose processing fails is logged and left pending (its
-    candles are taken again by the next run) without holding up the other streams; the
-    run then fails with the first such error. A database error ends the run at once."""
-    _clear_queued_flag()
+def _process_streams(streams: list[tuple[str, str, str]]) -> tuple[list[Alert], Exception | None]:
+    """Process these streams with the rules read once; a stream whose processing fails is
+    logged and left pending without holding up the others (the first such error is
+    returned); a database error is raised at once."""
     alerts: list[Alert] = []
     failed: Exception | None = None
-    for exchange, symbol, timeframe in pending_streams():
+    rules = selectors.usable_rules()
+    for exchange, symbol, timeframe in streams:
         try:
-            alerts += stream_process(exchange=exchange, symbol=symbol, timeframe=timeframe)
+            alerts += stream_process(
+                exchange=exchange, symbol=symbol, timeframe=timeframe, rules=rules
+            )
         except DatabaseError:
             raise
         except Exception as exc:
             log.exception("stream %s:%s:%s not processed", exchange, symbol, timeframe)
             failed = failed or exc
-    if failed is not None:
-        raise failed
-    return alerts
+    return alerts, failed
+
+
+class _Handover(Exception):
+    """The run reached ALERTS_RUN_MAX_S with candles still coming."""
+
+
+def candles_process_pending(
+    linger_s: float | None = None, max_s: float | None = None
+) -> list[Alert]:
+    """The run queued by candles_queue, holding its flag: process every stream with pending
+    candles, then wait up to ``linger_s`` (ALERTS_RUN_LINGER_S) for word of more and
+    process again, for as long as they keep coming. Once none came for that long, it lets
+    the flag go and looks once more: candles whose batch saw the flag held before it was
+    let go are visible to that look, and are taken (with the flag taken back) unless a new
+    run was sent for them meanwhile. After ``max_s`` (ALERTS_RUN_MAX_S) of candles it sends
+    a new run to carry on, so that no task outlives its time limit.
+
+    A stream whose processing fails is logged and left pending (the next run takes it
+    again) without holding up the other streams; the run then ends, failing with the first
+    such error. A database error ends it at once, letting the flag go. Without Redis the
+    run processes what is pending once and ends."""
+    linger_s = settings.ALERTS_RUN_LINGER_S if linger_s is None else linger_s
+    max_s = settings.ALERTS_RUN_MAX_S if max_s is None else max_s
+    ttl = settings.ALERTS_QUEUED_FLAG_TTL_S
+    flags = _queue_flags()
+    deadline = time.monotonic() + max_s
+    alerts: list[Alert] = []
+    try:
+        while True:
+            try:
+                flags.pipeline(transaction=False).set(QUEUED_KEY, "1", ex=ttl).delete(
+                    POKE_KEY
+                ).execute()
+                held = True
+            except redis.RedisError as err:
+                log.warning("candle processing flag unreachable: %s", err)
+                held = False
+            streams = pending_streams()
+            done, failed = _process_streams(streams)
+            alerts += done
+            if failed is not None:
+                _clear_queued_flag()
+                raise failed
+            if not held:
+                return alerts
+            if time.monotonic() >= deadline and streams:
+                raise _Handover
+            if streams or (linger_s > 0 and flags.blpop([POKE_KEY], timeout=linger_s)):
+                continue
+            flags.delete(QUEUED_KEY)
+            if not pending_streams() or not flags.set(QUEUED_KEY, "1", nx=True, ex=ttl):
+                return alerts
+    except _Handover:
+        from .tasks import process_candles
+
+        try:
+            process_candles.delay([], pending=True)
+        except Exception:
+            _clear_queued_flag()
+            raise
+        return alerts
+    except redis.RedisError as err:
+        log.warning("candle processing flag unreachable, run ends: %s", err)
+        _clear_queued_flag()
+        return alerts
+    except DatabaseError:
+        _clear_queued_flag()
+        raise
 
 
 # --------------------------------------------------------------------------- raised alerts

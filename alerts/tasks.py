@@ -8,17 +8,26 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError, connection
 
-from .services import candles_process, candles_process_pending, deliveries_sweep, delivery_send
+from .services import (
+    candles_process,
+    candles_process_pending,
+    deliveries_sweep,
+    delivery_send,
+    pending_streams,
+)
 
 log = logging.getLogger(__name__)
 
 
-@shared_task(name="alerts.process_candles", acks_late=True, time_limit=120, soft_time_limit=100)
-def process_candles(candle_ids: list[int], pending: bool = False) -> int:
+@shared_task(
+    name="alerts.process_candles", bind=True, acks_late=True, time_limit=120, soft_time_limit=100
+)
+def process_candles(self: Any, candle_ids: list[int], pending: bool = False) -> int:
     """The streams of these candles; ``pending``: every stream with pending candles (the
-    run queued by candles_queue, which may have taken candles stored after these)."""
+    run queued by candles_queue, which takes candles stored after these too). Run eagerly
+    (in the request that stored them) it does not wait for more."""
     if pending:
-        return len(candles_process_pending())
+        return len(candles_process_pending(linger_s=0.0 if self.request.is_eager else None))
     return len(candles_process(candle_ids=candle_ids))
 
 
@@ -40,15 +49,21 @@ def sweep_deliveries() -> int:
 
 def sweep_at_worker_start(sender: Any = None, **kwargs: Any) -> None:
     """Celery worker_ready: one sweep at once (in a thread: a database that is down must not
-    hold the worker's start), for the deliveries a dead predecessor left behind."""
+    hold the worker's start), for the deliveries a dead predecessor left behind, and a
+    candle-processing run if candles are pending (a run killed with its flag held would
+    otherwise hold off the next one until the flag expires)."""
     threading.Thread(target=_sweep_once, name="deliveries-sweep", daemon=True).start()
 
 
 def _sweep_once() -> None:
     try:
         deliveries_sweep()
+        if pending_streams():
+            process_candles.delay([], pending=True)
     except DatabaseError as exc:
         log.error("worker start: deliveries not swept, database unavailable: %s", exc)
+    except Exception:
+        log.exception("worker start: pending candles not queued")
     finally:
         connection.close()
 

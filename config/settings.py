@@ -283,11 +283,20 @@ ALERTS_PRESENCE_TTL_S = env.float("ALERTS_PRESENCE_TTL_S", default=60.0)
 ALERTS_WS_RATE = env.float("ALERTS_WS_RATE", default=10.0)
 ALERTS_WS_BURST = env.float("ALERTS_WS_BURST", default=20.0)
 ALERTS_PROCESS_BATCH = env.int("ALERTS_PROCESS_BATCH", default=2000)
-# Seconds a queued candle-processing run holds off sending another (alerts.services.
-# candles_queue); the run clears it as it starts; the expiry only matters if its task is lost.
+# One candle-processing run at a time (alerts.services.candles_queue): its flag holds off
+# sending another while it is queued or running; the run renews it on every pass, so the
+# expiry (seconds) only matters if the run is lost.
 ALERTS_QUEUED_FLAG_TTL_S = env.int("ALERTS_QUEUED_FLAG_TTL_S", default=30)
 if ALERTS_QUEUED_FLAG_TTL_S <= 0:
     raise ImproperlyConfigured("ALERTS_QUEUED_FLAG_TTL_S must be > 0")
+# Seconds a run waits for more candles before it ends (a feed posting many a second is
+# then one run); ALERTS_RUN_MAX_S: after that long a run hands over to a new task.
+ALERTS_RUN_LINGER_S = env.float("ALERTS_RUN_LINGER_S", default=0.1)
+if not 0 <= ALERTS_RUN_LINGER_S <= 1:
+    raise ImproperlyConfigured("ALERTS_RUN_LINGER_S must be between 0 and 1 (seconds)")
+ALERTS_RUN_MAX_S = env.float("ALERTS_RUN_MAX_S", default=20.0)
+if not 0 < ALERTS_RUN_MAX_S <= 60:
+    raise ImproperlyConfigured("ALERTS_RUN_MAX_S must be > 0 and <= 60 (seconds)")
 # The sweeper (alerts.services.deliveries_sweep, beat and each worker start) queues again
 # the deliveries whose task was lost: pending or overdue for ALERTS_SWEEP_AFTER_S, or
 # sending and claimed longer than ALERTS_CLAIM_STALE_S ago. A stale claim is taken over,

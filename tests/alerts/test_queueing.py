@@ -1,5 +1,6 @@
-"""Queuing candle processing: one run queued at a time (a flag in the broker's Redis) that
-takes every stream's pending candles when it starts; no failure leaves a candle behind."""
+"""Queuing candle processing: one run at a time (a flag in the broker's Redis, held while
+the run is queued and while it works) that takes every stream's pending candles, again
+while more come; no failure leaves a candle behind."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def flag(redis_url, settings):
-    from alerts.services import QUEUED_KEY
+    from alerts.services import POKE_KEY, QUEUED_KEY
 
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    client.delete(QUEUED_KEY)
+    client.delete(QUEUED_KEY, POKE_KEY)
     yield client
-    client.delete(QUEUED_KEY)
+    client.delete(QUEUED_KEY, POKE_KEY)
 
 
 @pytest.fixture
@@ -29,6 +30,14 @@ def sent(monkeypatch):
     calls: list[tuple[tuple, dict]] = []
     monkeypatch.setattr(process_candles, "delay", lambda *a, **k: calls.append((a, k)))
     return calls
+
+
+def _unreachable() -> redis.Redis:
+    """A Redis client that fails at once (no retries)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
 
 
 def _ingest(items: list[dict], capture) -> list[int]:
@@ -49,7 +58,7 @@ def test_while_a_run_waits_no_other_is_queued_and_it_takes_every_stream(
     assert sent == [((first,), {"pending": True})]
     assert 0 < flag.ttl(QUEUED_KEY) <= alert_settings.ALERTS_QUEUED_FLAG_TTL_S
 
-    alerts = candles_process_pending()
+    alerts = candles_process_pending(linger_s=0)
     assert sorted(a.symbol for a in alerts) == ["BTC/USDT", "ETH/BTC"]
     assert not Candle.objects.filter(processed_at__isnull=True).exists()
     assert flag.get(QUEUED_KEY) is None
@@ -58,10 +67,11 @@ def test_while_a_run_waits_no_other_is_queued_and_it_takes_every_stream(
     assert sent[1:] == [((third,), {"pending": True})]
 
 
-def test_the_run_clears_the_flag_before_it_reads_so_candles_stored_meanwhile_queue_another(
+def test_candles_stored_while_the_run_works_are_taken_by_it_and_queue_nothing(
     flag, sent, alert_settings, django_capture_on_commit_callbacks, monkeypatch
 ):
     from alerts import services
+    from trading.models import Candle
 
     _ingest(engulfing_pair(0, 100.0), django_capture_on_commit_callbacks)
     read = services.pending_streams
@@ -69,13 +79,125 @@ def test_the_run_clears_the_flag_before_it_reads_so_candles_stored_meanwhile_que
 
     def pending_streams():
         streams = read()
-        # Stored after the run read the pending streams: this run does not take it.
-        during.append(_ingest([candle(2, 100.0, 100.1)], django_capture_on_commit_callbacks))
+        if not during:  # stored after the run's first read, while it holds the flag
+            during.append(_ingest([candle(2, 100.0, 100.1)], django_capture_on_commit_callbacks))
         return streams
 
     monkeypatch.setattr(services, "pending_streams", pending_streams)
-    services.candles_process_pending()
-    assert len(sent) == 2 and sent[1] == ((during[0],), {"pending": True})
+    services.candles_process_pending(linger_s=0)
+    assert len(sent) == 1
+    assert Candle.objects.get(pk__in=during[0]).processed_at is not None
+    assert flag.get(services.QUEUED_KEY) is None
+
+
+def test_a_run_waiting_for_more_takes_the_candles_it_is_told_of(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    from alerts import services
+    from trading.models import Candle
+
+    _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
+    client = services._queue_flags()
+    waits: list[float] = []
+    blpop = client.blpop
+
+    def wait_for_more(keys, timeout):
+        waits.append(timeout)
+        if len(waits) == 1:  # a batch stored while the run waits: it leaves word
+            _ingest([candle(1, 100.1, 100.2)], django_capture_on_commit_callbacks)
+        return blpop(keys, timeout=0.01)
+
+    monkeypatch.setattr(client, "blpop", wait_for_more)
+    services.candles_process_pending(linger_s=0.5)
+    assert waits == [0.5, 0.5]  # woken by the word, then waited in vain once
+    assert len(sent) == 1
+    assert not Candle.objects.filter(processed_at__isnull=True).exists()
+    assert flag.get(services.QUEUED_KEY) is None
+
+
+def test_a_batch_that_saw_the_flag_held_as_the_run_let_it_go_is_taken_by_that_run(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    from alerts import services
+    from trading.models import Candle
+
+    _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
+    client = services._queue_flags()
+    stored: list[list[int]] = []
+
+    def wait_in_vain(keys, timeout):
+        if not stored:  # stored and told just as the wait ends in vain: the word is not read
+            stored.append(_ingest([candle(1, 100.1, 100.2)], django_capture_on_commit_callbacks))
+        return None
+
+    monkeypatch.setattr(client, "blpop", wait_in_vain)
+    services.candles_process_pending(linger_s=0.5)
+    assert len(sent) == 1  # the batch found the flag held and sent nothing
+    assert Candle.objects.get(pk__in=stored[0]).processed_at is not None
+    assert flag.get(services.QUEUED_KEY) is None
+
+
+def test_candles_stored_after_the_run_let_its_flag_go_queue_another(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    from alerts import services
+    from trading.models import Candle
+
+    _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
+    client = services._queue_flags()
+    delete = client.delete
+    after: list[list[int]] = []
+
+    def let_go(*keys):
+        deleted = delete(*keys)
+        if keys == (services.QUEUED_KEY,) and not after:
+            after.append(_ingest([candle(1, 100.1, 100.2)], django_capture_on_commit_callbacks))
+        return deleted
+
+    monkeypatch.setattr(client, "delete", let_go)
+    services.candles_process_pending(linger_s=0)
+    assert len(sent) == 2 and sent[1] == ((after[0],), {"pending": True})
+    # The new run's flag stays; the candle is left to that run.
+    assert flag.get(services.QUEUED_KEY) is not None
+    assert Candle.objects.get(pk__in=after[0]).processed_at is None
+
+
+def test_a_run_that_reaches_its_time_limit_hands_over_to_a_new_one(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks
+):
+    from alerts import services
+
+    _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
+    services.candles_process_pending(linger_s=0, max_s=0)
+    assert sent[1:] == [(([],), {"pending": True})]
+    assert 0 < flag.ttl(services.QUEUED_KEY) <= alert_settings.ALERTS_QUEUED_FLAG_TTL_S
+
+
+def test_without_redis_the_run_processes_once_and_ends(
+    sent, alert_settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    from alerts import services
+    from trading.models import Candle
+
+    monkeypatch.setattr(services, "_queue_client", _unreachable())
+    _ingest(engulfing_pair(0, 100.0), django_capture_on_commit_callbacks)
+    alerts = services.candles_process_pending(linger_s=0.5)
+    assert [a.symbol for a in alerts] == ["ETH/BTC"]
+    assert not Candle.objects.filter(processed_at__isnull=True).exists()
+
+
+def test_eagerly_run_it_does_not_wait(flag, alert_settings, settings, monkeypatch):
+    from alerts import services
+    from alerts.tasks import process_candles
+
+    seen: list[float | None] = []
+    monkeypatch.setattr(
+        services, "candles_process_pending", lambda linger_s=None: seen.append(linger_s) or []
+    )
+    monkeypatch.setattr("alerts.tasks.candles_process_pending", services.candles_process_pending)
+    settings.CELERY_TASK_ALWAYS_EAGER = True
+    process_candles.apply(([],), {"pending": True})
+    assert seen == [0.0]
 
 
 def test_redis_unreachable_sends_the_task_anyway(
@@ -83,7 +205,7 @@ def test_redis_unreachable_sends_the_task_anyway(
 ):
     from alerts import services
 
-    monkeypatch.setattr(services, "_queue_client", redis.Redis(port=1, socket_connect_timeout=0.2))
+    monkeypatch.setattr(services, "_queue_client", _unreachable())
     a = _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
     b = _ingest([candle(1, 100.1, 100.2)], django_capture_on_commit_callbacks)
     assert sent == [((a,), {"pending": True}), ((b,), {"pending": True})]
@@ -114,10 +236,10 @@ def test_a_failing_stream_holds_up_no_other_and_stays_pending(
     _ingest(engulfing_pair(0, 50.0, symbol="BTC/USDT"), django_capture_on_commit_callbacks)
     process = services.stream_process
 
-    def stream_process(*, exchange, symbol, timeframe):
+    def stream_process(*, exchange, symbol, timeframe, rules=None):
         if symbol == "BTC/USDT":
             raise ZeroDivisionError("a detector failed")
-        return process(exchange=exchange, symbol=symbol, timeframe=timeframe)
+        return process(exchange=exchange, symbol=symbol, timeframe=timeframe, rules=rules)
 
     monkeypatch.setattr(services, "stream_process", stream_process)
     with pytest.raises(ZeroDivisionError):
@@ -125,6 +247,7 @@ def test_a_failing_stream_holds_up_no_other_and_stays_pending(
     assert Candle.objects.filter(symbol="ETH/BTC", processed_at__isnull=True).count() == 0
     assert Candle.objects.filter(symbol="BTC/USDT", processed_at__isnull=True).count() == 2
     assert services.pending_streams() == [("binance", "BTC/USDT", "5m")]
+    assert flag.get(services.QUEUED_KEY) is None  # the next batch queues a run again
 
 
 def test_a_database_error_ends_the_run_at_once(
@@ -138,7 +261,7 @@ def test_a_database_error_ends_the_run_at_once(
     _ingest(engulfing_pair(0, 50.0, symbol="BTC/USDT"), django_capture_on_commit_callbacks)
     tried = []
 
-    def stream_process(*, exchange, symbol, timeframe):
+    def stream_process(*, exchange, symbol, timeframe, rules=None):
         tried.append(symbol)
         raise OperationalError("the database went away")
 
@@ -146,6 +269,7 @@ def test_a_database_error_ends_the_run_at_once(
     with pytest.raises(OperationalError):
         services.candles_process_pending()
     assert tried == ["BTC/USDT"]
+    assert flag.get(services.QUEUED_KEY) is None
 
 
 def test_pending_streams_leave_out_processed_and_late_candles(
@@ -156,9 +280,30 @@ def test_pending_streams_leave_out_processed_and_late_candles(
 
     _ingest([candle(5, 100.0, 100.1)], django_capture_on_commit_callbacks)
     assert pending_streams() == [("binance", "ETH/BTC", "5m")]
-    candles_process_pending()
+    candles_process_pending(linger_s=0)
     assert pending_streams() == []
     late = _ingest([candle(1, 100.0, 100.1)], django_capture_on_commit_callbacks)
     assert Candle.objects.get(pk__in=late).late
     assert pending_streams() == []
     assert len(sent) == 1  # the late candle queues nothing
+
+
+def test_a_starting_worker_queues_a_run_for_pending_candles_whatever_the_flag(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    """A run killed with its flag held would hold off the next until the flag expires."""
+    from types import SimpleNamespace
+
+    from alerts import services, tasks
+    from alerts.tasks import _sweep_once
+
+    # In its own thread it closes that thread's connection; here it is the test's.
+    monkeypatch.setattr(tasks, "connection", SimpleNamespace(close=lambda: None))
+
+    _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
+    assert flag.get(services.QUEUED_KEY) is not None and len(sent) == 1
+    _sweep_once()
+    assert sent[1:] == [(([],), {"pending": True})]
+    services.candles_process_pending(linger_s=0)
+    _sweep_once()  # nothing pending: nothing sent
+    assert len(sent) == 2
