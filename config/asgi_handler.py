@@ -17,11 +17,14 @@ so that an iterator reading the database reads it on the connection that opened 
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import django
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import SyncToAsync, async_to_sync
 from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
@@ -48,18 +51,34 @@ class SyncChainASGIHandler(ASGIHandler):
         except RequestAborted:
             return
         set_script_prefix(get_script_prefix(scope))
+        loop = asyncio.get_running_loop()
         try:
-            response = await sync_to_async(
-                self._respond, thread_sensitive=False, executor=self._threads
-            )(scope, body_file, send)
+            # What sync_to_async(thread_sensitive=False, executor=...) does, less what this
+            # one call does not need: its context is a copy (nothing set in the thread
+            # comes back), and it is not cancelled (the server does not cancel it).
+            response = await loop.run_in_executor(
+                self._threads,
+                contextvars.copy_context().run,
+                self._respond,
+                loop,
+                scope,
+                body_file,
+                send,
+            )
         finally:
             body_file.close()
         if response is not None:
             await self.send_response(response, send)
 
-    def _respond(self, scope: dict, body_file: Any, send: Any) -> HttpResponseBase | None:
+    def _respond(
+        self, loop: asyncio.AbstractEventLoop, scope: dict, body_file: Any, send: Any
+    ) -> HttpResponseBase | None:
         """In the request's thread: the response to send, closed already; None when it
-        was streamed from here."""
+        was streamed from here. async_to_sync called in it (a channel-layer send, the
+        streamed response) runs on the server's event loop, as under sync_to_async."""
+        SyncToAsync.threadlocal.main_event_loop = loop
+        SyncToAsync.threadlocal.main_event_loop_pid = os.getpid()
+        SyncToAsync.threadlocal.task_context = []
         signals.request_started.send(sender=self.__class__, scope=scope)
         request, response = self.create_request(scope, body_file)
         if request is not None:

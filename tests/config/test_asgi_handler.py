@@ -150,3 +150,25 @@ def test_a_streamed_response_is_read_and_sent_from_its_request_thread(api_token,
     assert [line["action"] for line in lines] == [f"test.stream.{i}" for i in range(3)]
     assert [event for event, _ in request_threads] == ["started", "finished"]
     assert request_threads[0][1] is request_threads[1][1]
+
+
+def test_async_code_called_from_a_request_runs_on_the_servers_event_loop():
+    """A channel-layer send from a view (async_to_sync) must run on the server's loop, where
+    the layer's connections live, not on a loop of its own in another thread."""
+    from asgiref.sync import async_to_sync
+    from django.core import signals
+
+    ran_in: list[threading.Thread] = []
+
+    async def where() -> None:
+        ran_in.append(threading.current_thread())
+
+    def started(**kwargs):
+        async_to_sync(where)()
+
+    signals.request_started.connect(started)
+    try:
+        assert asgi_request("POST", URL, json.dumps([CANDLE]).encode())[0] == 401
+    finally:
+        signals.request_started.disconnect(started)
+    assert ran_in == [threading.current_thread()]  # the thread running the test's loop
