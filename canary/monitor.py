@@ -105,8 +105,15 @@ def monitor_all(*, now: datetime) -> list[StepResult]:
     return results
 
 
-def monitor_step(*, rollout_id: int, now: datetime) -> StepResult:
+def monitor_step(
+    *, rollout_id: int, now: datetime, before: Callable[[], Any] | None = None
+) -> StepResult:
+    """One step of one rollout. ``before``: the caller's own writes, made first in the
+    step's transaction (the rehearsal's buffered strategy rows: one commit instead of
+    two); they must open no savepoint."""
     with transaction.atomic():
+        if before is not None:
+            before()
         rollout = services.lock_rollout(rollout_id)
         if rollout.state == RolloutState.ROLLING_BACK:
             rollout = services.rollout_settle_rollback(rollout=rollout, now=now)

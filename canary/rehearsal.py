@@ -250,9 +250,10 @@ class Feed:
         """Some stream has no candle at this candle time."""
         return len(tick) < len(self.series)
 
-    def flush(self) -> None:
-        """The account's buffered rows and the streams' freshness, in one transaction."""
-        self.account.flush(also=self._streams_heard)
+    def flush(self, *, savepoint: bool = True) -> None:
+        """The account's buffered rows and the streams' freshness, in one transaction
+        (``savepoint=False``: in the caller's, without a savepoint)."""
+        self.account.flush(also=self._streams_heard, savepoint=savepoint)
         self.heard = {}
 
     def _streams_heard(self) -> None:
@@ -509,15 +510,12 @@ def run_rollout(
         progress.candles += len(tick)
         marked = cadence.marks(feed.account.snapshots, decided, clock)
         stepped = cadence.due(clock, decided=decided, silent=feed.silent(tick), marked=marked)
-        if stepped:
-            feed.flush()
         progress.feed_s += time.perf_counter() - t0
         if stepped and _step(rollout, feed, cadence, progress, clock):
             break
         _pace(options.speed, wall0, clock0, clock)
     else:
         if not stepped:  # the data ran out between two steps: judge its last candle time
-            feed.flush()
             _step(rollout, feed, cadence, progress, clock_of(all_ticks[-1]))
     progress.loop_s = time.perf_counter() - wall0
     progress.cpu_s = time.process_time() - cpu0
@@ -527,10 +525,19 @@ def run_rollout(
 def _step(
     rollout: Rollout, feed: Feed, cadence: Cadence, progress: Progress, clock: datetime
 ) -> bool:
-    """One monitor step (two when it started a rollback, which runs in-process); True when
-    the rehearsal stops there."""
+    """The feed's buffered rows written, then one monitor step (two when it started a
+    rollback, which runs in-process), in the step's transaction; True when the rehearsal
+    stops there. The write counts as strategy time."""
     t0 = time.perf_counter()
-    result = monitor_step(rollout_id=rollout.pk, now=clock)
+    flushed = 0.0
+
+    def flush() -> None:
+        nonlocal flushed
+        f0 = time.perf_counter()
+        feed.flush(savepoint=False)
+        flushed = time.perf_counter() - f0
+
+    result = monitor_step(rollout_id=rollout.pk, now=clock, before=flush)
     _note(progress, result, clock)
     if result.state == RolloutState.ROLLING_BACK:
         result = monitor_step(rollout_id=rollout.pk, now=clock)  # the rollback ran in-process
@@ -541,7 +548,8 @@ def _step(
     acted = result.state not in STOP_STATES and result.action not in ("NONE", "")
     if acted and cadence.phase_changed(result.phase_times):
         feed.account.reload()  # a new allocation
-    progress.monitor_s += time.perf_counter() - t0
+    progress.feed_s += flushed
+    progress.monitor_s += time.perf_counter() - t0 - flushed
     return result.state in STOP_STATES
 
 

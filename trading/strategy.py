@@ -472,14 +472,16 @@ class Account:
             drawdown_pct=min(0.0, drawdown),
         )
 
-    def flush(self, also: Callable[[], Any] | None = None) -> None:
+    def flush(self, also: Callable[[], Any] | None = None, *, savepoint: bool = True) -> None:
         """Write what is buffered in one transaction; ``also``: the caller's own writes, made
-        in the same transaction (alone when nothing is buffered)."""
+        in the same transaction (alone when nothing is buffered). ``savepoint=False``
+        inside a caller's transaction: no savepoint of its own (a failure here fails the
+        caller's transaction)."""
         if not (self.candles or self.signals or self.snapshots or self.marks):
             if also is not None:
                 also()
             return
-        with transaction.atomic():
+        with transaction.atomic(savepoint=savepoint):
             if self.candles:
                 _CANDLES.insert(self.candles)
             if self.signals:

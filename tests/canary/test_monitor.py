@@ -2,13 +2,14 @@
 
 import pytest
 from django.conf import settings
+from django.db import connection
 
 from alerts.models import Alert
 from audit.models import AuditEvent
 from canary import services
 from canary.models import GateEvaluation, Phase, Rollback, Rollout
 from canary.monitor import DB_FAILURE_KEY, monitor_all, monitor_step
-from trading.models import Deployment, KillSwitch
+from trading.models import Deployment, KillSwitch, MarketStream
 
 from .factories import (
     SHORT_PLAN,
@@ -363,3 +364,32 @@ def test_monitor_task_runs_a_step_with_the_wall_clock(rollout):
     (result,) = monitor.apply().get()
     assert result["rollout"] == rollout.pk
     assert result["evaluation"] == GateEvaluation.objects.get(rollout=rollout).pk
+
+
+def test_the_callers_writes_before_a_step_are_made_in_its_transaction(rollout):
+    """``before``: run first inside the step's transaction (no savepoint of the step's own
+    around it), so that it commits and fails with the step."""
+    healthy_orders(rollout.deployment, 25, start=at(1))
+    touch_stream(when=at(30))
+    outside = len(connection.savepoint_ids)
+    seen = []
+
+    def before():
+        seen.append((connection.in_atomic_block, len(connection.savepoint_ids)))
+        touch_stream(when=at(31))
+
+    result = monitor_step(rollout_id=rollout.pk, now=at(31), before=before)
+    assert seen == [(True, outside + 1)]  # the step's atomic block (nested in the test's)
+    assert (result.verdict, result.action) == ("PASS", "NONE")
+    assert GateEvaluation.objects.get(pk=result.evaluation_id).metrics["stream_gap_s"] == 0.0
+
+    evaluations = GateEvaluation.objects.count()
+
+    def failing():
+        touch_stream(when=at(40))
+        raise RuntimeError("the caller's write failed")
+
+    with pytest.raises(RuntimeError):
+        monitor_step(rollout_id=rollout.pk, now=at(41), before=failing)
+    assert GateEvaluation.objects.count() == evaluations
+    assert MarketStream.objects.get().last_received_at == at(31)  # rolled back with the step

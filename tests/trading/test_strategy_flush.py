@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 from tests.trading.test_execution import ETH, T0, TF_MS, make_deployment
 from trading.models import Candle, MarketStream
@@ -57,3 +57,20 @@ def test_the_callers_writes_are_made_when_nothing_is_buffered():
     account.flush(also=heard)
     assert MarketStream.objects.get(symbol=ETH).last_received_at == T
     assert not Candle.objects.exists()
+
+
+def test_without_a_savepoint_the_flush_joins_the_callers_transaction_and_fails_it():
+    account = Account(make_deployment())
+    account.candles.append(buffered_candle())
+    outside = list(connection.savepoint_ids)
+    inside = []
+    account.flush(
+        also=lambda: (inside.append(list(connection.savepoint_ids)), heard()), savepoint=False
+    )
+    assert inside == [[*outside, None]]  # an atomic block without a savepoint of its own
+    assert Candle.objects.count() == 1 and MarketStream.objects.count() == 1
+
+    account.candles.append(buffered_candle(T0 + TF_MS))
+    with pytest.raises(RuntimeError), transaction.atomic():
+        account.flush(also=lambda: (_ for _ in ()).throw(RuntimeError("failed")), savepoint=False)
+    assert Candle.objects.count() == 1  # the caller's transaction rolled back with it
