@@ -7,9 +7,9 @@
 2. 200 candle POSTs per second for 5 minutes, one candle per request over 20 streams, open
    loop (a request leaves at its due time whatever the previous answers): errors, the
    achieved rate and the p50/p95/p99 latency; the worker's backlog when it ends. On
-   PostgreSQL the processes run with CONN_MAX_AGE=0: the configured 60 s leaks a
-   connection per ASGI request and would exhaust the (shared) server within seconds
-   (tests/load/test_web_connections.py).
+   PostgreSQL the web server takes its connections from its pool and the worker keeps
+   one per process (WORKER_DB_CONN_MAX_AGE); when the server runs with autovacuum off,
+   the bench analyses the tables as autovacuum would (analyzed_as_by_autovacuum).
 3. A phase holding 100,000 orders: the phase metrics in SQL and one whole monitor step
    (lock, metrics, verdict, decision, stored evaluation), median of 5.
 
@@ -197,6 +197,52 @@ def websocket_rows(live: Any, scale: Scale) -> list[dict]:
 
 # --------------------------------------------------------------------------- 2. POSTs
 
+ANALYZE_EVERY_S = 15.0
+
+
+@contextmanager
+def analyzed_as_by_autovacuum(database_url: str) -> Iterator[dict]:
+    """When the PostgreSQL server runs with autovacuum off (this machine's does), ANALYZE
+    the scratch database's tables as autovacuum's default rule would (a table changed by
+    more than 50 rows + 10 % of its rows since its last analysis, looked at every
+    ANALYZE_EVERY_S). Without it the candle table, growing from empty, is never analysed:
+    the plans the server caches for the prepared statements stay those made when it held
+    a few rows (sequential scans), and every POST costs more than the last. Yields
+    {"autovacuum": on/off, "analyses": count}."""
+    state: dict[str, Any] = {"autovacuum": "n/a", "analyses": 0}
+    if not database_url.startswith("postgres"):
+        yield state
+        return
+    import threading
+
+    import psycopg
+
+    conn = psycopg.connect(database_url.split("?")[0], autocommit=True)
+    state["autovacuum"] = conn.execute("SHOW autovacuum").fetchone()[0]
+    stop = threading.Event()
+
+    def analyze() -> None:
+        while not stop.wait(ANALYZE_EVERY_S):
+            due = conn.execute(
+                "SELECT quote_ident(schemaname) || '.' || quote_ident(relname)"
+                " FROM pg_stat_user_tables"
+                " WHERE n_mod_since_analyze > 50 + 0.1 * greatest(n_live_tup, 0)"
+            ).fetchall()
+            for (table,) in due:
+                conn.execute(f"ANALYZE {table}")
+                state["analyses"] += 1
+
+    thread = threading.Thread(target=analyze, name="analyze", daemon=True)
+    if state["autovacuum"] == "off":
+        thread.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(60)
+        conn.close()
+
 
 def group_cpu_s(pgid: int) -> float:
     """CPU seconds (user + system) of the live processes of a process group (Linux /proc):
@@ -216,7 +262,9 @@ def group_cpu_s(pgid: int) -> float:
     return total / tick
 
 
-def post_rows(live: Any, redis_url: str, scale: Scale, processes: int = 1) -> list[dict]:
+def post_rows(
+    live: Any, redis_url: str, scale: Scale, processes: int = 1, database_url: str = ""
+) -> list[dict]:
     import redis
 
     from tests.faults.harness import user_token
@@ -226,10 +274,11 @@ def post_rows(live: Any, redis_url: str, scale: Scale, processes: int = 1) -> li
     groups = {name: live.stack.procs[name].pid for name in ("web", "worker")}
     cpu_before = {name: group_cpu_s(pgid) for name, pgid in groups.items()}
     load_before = os.getloadavg()[0]
-    result = post_load(
-        "127.0.0.1", live.port, token, lambda i: [stream_candle(i)],
-        scale.post_rate, scale.post_seconds, threads=32,
-    )  # fmt: skip
+    with analyzed_as_by_autovacuum(database_url) as maintenance:
+        result = post_load(
+            "127.0.0.1", live.port, token, lambda i: [stream_candle(i)],
+            scale.post_rate, scale.post_seconds, threads=32,
+        )  # fmt: skip
     cpu = {name: group_cpu_s(pgid) - cpu_before[name] for name, pgid in groups.items()}
     load_after = os.getloadavg()[0]
     broker = redis.Redis.from_url(redis_url)
@@ -256,6 +305,8 @@ def post_rows(live: Any, redis_url: str, scale: Scale, processes: int = 1) -> li
              round(1000 * cpu["worker"] / max(result.sent, 1), 2), "ms"),
         _row("worker backlog when the POSTs end (tasks queued: celery / alerts.candles)", backlog,
              "tasks"),
+        _row(f"PostgreSQL autovacuum {maintenance['autovacuum']}: tables analysed by the bench "
+             "as autovacuum would", maintenance["analyses"], "ANALYZE"),
         _row("machine load average (1 min) before / after the POSTs",
              f"{load_before:.1f} / {load_after:.1f}", f"on {os.cpu_count()} cores"),
     ]  # fmt: skip
@@ -368,7 +419,7 @@ def run(quick: bool = False, web_processes: int = 1) -> list[dict]:
             vendor = connection.vendor
             with live_stack(Path(tmp), database_url, web_processes) as (live, redis_url):
                 rows = [] if web_processes > 1 else websocket_rows(live, scale)
-                rows += post_rows(live, redis_url, scale, web_processes)
+                rows += post_rows(live, redis_url, scale, web_processes, database_url)
             rows += evaluation_rows(scale, vendor)
     rows.append(_row("open-file limit of the bench and its processes", limit, "fds"))
     return rows
