@@ -321,3 +321,16 @@ def test_the_strategy_step_is_queued_when_a_deployment_trades_the_timeframe(
     assert response.status_code == 201
     assert sent == ([response.json()["ids"]] if queued else [])
     assert Candle.objects.get().processed_at is not None, "the alerts step runs regardless"
+
+
+@pytest.mark.django_db
+def test_answers_json_whatever_the_accept_header_and_parses_by_content_type(client):
+    response = client.post(URL, json.dumps([candle()]), content_type="application/json",
+                           HTTP_ACCEPT="text/html")  # fmt: skip
+    assert response.status_code == 201
+    assert response["Content-Type"] == "application/json"
+    assert json.loads(response.content)["created"] == 1
+    refused = client.post(URL, "open=1", content_type="text/plain", HTTP_ACCEPT="text/html")
+    assert refused.status_code == 415
+    assert refused["Content-Type"] == "application/json"
+    assert Candle.objects.count() == 1
