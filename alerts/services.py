@@ -698,6 +698,7 @@ def candles_process_pending(
     flags = _queue_flags()
     deadline = time.monotonic() + max_s
     alerts: list[Alert] = []
+    failed: Exception | None = None
     try:
         while True:
             try:
@@ -712,8 +713,7 @@ def candles_process_pending(
             done, failed = _process_streams(streams)
             alerts += done
             if failed is not None:
-                _clear_queued_flag()
-                raise failed
+                break
             if not held:
                 return alerts
             if time.monotonic() >= deadline and streams:
@@ -739,6 +739,8 @@ def candles_process_pending(
     except DatabaseError:
         _clear_queued_flag()
         raise
+    _clear_queued_flag()
+    raise failed
 
 
 # --------------------------------------------------------------------------- raised alerts

@@ -307,3 +307,20 @@ def test_a_starting_worker_queues_a_run_for_pending_candles_whatever_the_flag(
     services.candles_process_pending(linger_s=0)
     _sweep_once()  # nothing pending: nothing sent
     assert len(sent) == 2
+
+
+def test_a_stream_failing_on_redis_fails_the_run_with_that_error(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    from alerts import services
+
+    _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
+
+    def stream_process(*, exchange, symbol, timeframe, rules=None):
+        raise redis.ConnectionError("the channel layer's Redis went away")
+
+    monkeypatch.setattr(services, "stream_process", stream_process)
+    with pytest.raises(redis.ConnectionError):
+        services.candles_process_pending(linger_s=0)
+    assert flag.get(services.QUEUED_KEY) is None
+    assert services.pending_streams() == [("binance", "ETH/BTC", "5m")]
