@@ -63,7 +63,7 @@ def _sweep_once() -> None:
     except DatabaseError as exc:
         log.error("worker start: deliveries not swept, database unavailable: %s", exc)
     except Exception:
-        log.exception("worker start: pending candles not queued")
+        log.exception("worker start: deliveries not swept or pending candles not queued")
     finally:
         connection.close()
 
