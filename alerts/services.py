@@ -1137,12 +1137,19 @@ def alert_comment(*, alert_id: int, actor: Any, text: str, request: Any = None) 
     return comment
 
 
+# A silence shorter than this would end about as it is stored (1e-300 s is > 0).
+SILENCE_MIN_S = 1.0
+
+
 def _silence_expiry(now: datetime, duration_s: Any) -> datetime:
     if isinstance(duration_s, bool) or not isinstance(duration_s, int | float):
         raise ValidationError({"duration_s": "must be a number of seconds"})
-    if not 0 < duration_s <= settings.ALERTS_SILENCE_MAX_S:
+    if not SILENCE_MIN_S <= duration_s <= settings.ALERTS_SILENCE_MAX_S:
         raise ValidationError(
-            {"duration_s": f"must be > 0 and <= {settings.ALERTS_SILENCE_MAX_S:g}"}
+            {
+                "duration_s": f"must be >= {SILENCE_MIN_S:g} and <= "
+                f"{settings.ALERTS_SILENCE_MAX_S:g} (seconds)"
+            }
         )
     return now + timedelta(seconds=duration_s)
 

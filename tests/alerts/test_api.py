@@ -79,6 +79,14 @@ def test_silence_and_unsilence_over_the_api(client_for, alerts):
     ops = client_for("ops", "Ops")
     bad = ops.post("/api/v1/alerts/silences/", {"symbol": "ETH/BTC", "reason": "x"}, format="json")
     assert bad.status_code == 400 and "duration_s" in bad.json()["errors"]
+    for short in (1e-300, 0.5, 0, -1):
+        too_short = ops.post(
+            "/api/v1/alerts/silences/",
+            {"symbol": "ETH/BTC", "duration_s": short, "reason": "x"},
+            format="json",
+        )
+        assert too_short.status_code == 400, short
+        assert ">= 1 and <=" in str(too_short.json()["errors"]["duration_s"])
     made = ops.post(
         "/api/v1/alerts/silences/",
         {"symbol": "ETH/BTC", "detector": "volatility", "duration_s": 600, "reason": "news"},
