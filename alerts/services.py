@@ -673,10 +673,6 @@ def _process_streams(streams: list[tuple[str, str, str]]) -> tuple[list[Alert], 
     return alerts, failed
 
 
-class _Handover(Exception):
-    """The run reached ALERTS_RUN_MAX_S with candles still coming."""
-
-
 def candles_process_pending(
     linger_s: float | None = None, max_s: float | None = None
 ) -> list[Alert]:
@@ -699,6 +695,7 @@ def candles_process_pending(
     deadline = time.monotonic() + max_s
     alerts: list[Alert] = []
     failed: Exception | None = None
+    hand_over = False
     try:
         while True:
             try:
@@ -717,13 +714,21 @@ def candles_process_pending(
             if not held:
                 return alerts
             if time.monotonic() >= deadline and streams:
-                raise _Handover
+                hand_over = True
+                break
             if streams or (linger_s > 0 and flags.blpop([POKE_KEY], timeout=linger_s)):
                 continue
             flags.delete(QUEUED_KEY)
             if not pending_streams() or not flags.set(QUEUED_KEY, "1", nx=True, ex=ttl):
                 return alerts
-    except _Handover:
+    except redis.RedisError as err:
+        log.warning("candle processing flag unreachable, run ends: %s", err)
+        _clear_queued_flag()
+        return alerts
+    except DatabaseError:
+        _clear_queued_flag()
+        raise
+    if hand_over:  # the flag stays held for the run sent to carry on
         from .tasks import process_candles
 
         try:
@@ -732,13 +737,6 @@ def candles_process_pending(
             _clear_queued_flag()
             raise
         return alerts
-    except redis.RedisError as err:
-        log.warning("candle processing flag unreachable, run ends: %s", err)
-        _clear_queued_flag()
-        return alerts
-    except DatabaseError:
-        _clear_queued_flag()
-        raise
     _clear_queued_flag()
     raise failed
 
