@@ -213,8 +213,8 @@ def post_load(
 
     The connections are tasks of one event loop writing prepared bytes and reading the
     answers' status and length: the load generator shares the machine with the server it
-    measures, so it should take as little of it as it can (about a fifth of the CPU per
-    request of http.client in as many threads)."""
+    measures, so it should take as little of it as it can (about 0.4 ms of CPU per request
+    in bench_load against 0.6 ms for http.client in as many threads)."""
     try:
         from uvloop import new_event_loop  # the ASGI server's own loop, when installed
     except ImportError:
