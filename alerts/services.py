@@ -20,7 +20,13 @@ import redis
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    close_old_connections,
+    connection,
+    transaction,
+)
 from django.db.models import Count, Exists, OuterRef, Q
 from django.utils import timezone
 
@@ -673,6 +679,19 @@ def _process_streams(streams: list[tuple[str, str, str]]) -> tuple[list[Alert], 
     return alerts, failed
 
 
+def _wait_for_more(flags: redis.Redis, linger_s: float) -> bool:
+    """Up to ``linger_s`` for word of more candles; True when it came. Then what the worker
+    does before each task (config.celery), since a run lasts as long as several: a
+    connection the database dropped during the wait is replaced before the next read
+    instead of failing it (not inside a transaction: a run made in one keeps its own)."""
+    if linger_s <= 0:
+        return False
+    woken = bool(flags.blpop([POKE_KEY], timeout=linger_s))
+    if not connection.in_atomic_block:
+        close_old_connections()
+    return woken
+
+
 def candles_process_pending(
     linger_s: float | None = None, max_s: float | None = None
 ) -> list[Alert]:
@@ -716,7 +735,7 @@ def candles_process_pending(
             if time.monotonic() >= deadline and streams:
                 hand_over = True
                 break
-            if streams or (linger_s > 0 and flags.blpop([POKE_KEY], timeout=linger_s)):
+            if streams or _wait_for_more(flags, linger_s):
                 continue
             flags.delete(QUEUED_KEY)
             if not pending_streams() or not flags.set(QUEUED_KEY, "1", nx=True, ex=ttl):

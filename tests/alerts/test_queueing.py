@@ -324,3 +324,40 @@ def test_a_stream_failing_on_redis_fails_the_run_with_that_error(
         services.candles_process_pending(linger_s=0)
     assert flag.get(services.QUEUED_KEY) is None
     assert services.pending_streams() == [("binance", "ETH/BTC", "5m")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_dropped_while_the_run_waits_is_replaced_before_it_reads_again(
+    flag, sent, alert_settings, monkeypatch
+):
+    import psycopg
+    from django.db import connection
+
+    from alerts import services
+    from trading.models import Candle
+    from trading.services import candles_ingest
+
+    if connection.vendor != "postgresql":
+        pytest.skip("a backend is terminated on PostgreSQL")
+    candles_ingest(items=[candle(0, 100.0, 100.1)], actor="test")
+    client = services._queue_flags()
+    dropped: list[int] = []
+
+    def wait_while_the_database_drops_the_connection(keys, timeout):
+        if not dropped:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                dropped.append(cursor.fetchone()[0])
+            conf = connection.settings_dict
+            with psycopg.connect(
+                host=conf["HOST"] or "127.0.0.1", port=conf["PORT"] or 5432,
+                user=conf["USER"], dbname=conf["NAME"], autocommit=True,
+            ) as admin:  # fmt: skip
+                admin.execute("SELECT pg_terminate_backend(%s)", [dropped[0]])
+        return None
+
+    monkeypatch.setattr(client, "blpop", wait_while_the_database_drops_the_connection)
+    services.candles_process_pending(linger_s=0.5)
+    assert dropped
+    assert not Candle.objects.filter(processed_at__isnull=True).exists()
+    assert flag.get(services.QUEUED_KEY) is None
