@@ -73,9 +73,9 @@ def phase_metrics(
     symbols = list(dict.fromkeys(s for s in (deployment.symbols or []) if isinstance(s, str)))
     with connection.cursor() as cursor:
         counts = _aggregates(cursor, connection, window, symbols, deployment.timeframe)
-        latency = counts.pop("latency_p95")
-        if connection.vendor != "postgresql" and counts["latency_n"]:
-            latency = _latency_p95_offset(cursor, connection, window, counts["latency_n"])
+        latency, above = counts.pop("latency_p95"), counts.pop("latency_above")
+        if connection.vendor != "postgresql":
+            latency = _interpolated_p95(counts["latency_n"], latency, above)
         if connection.vendor in _DRAWDOWN_IN_PYTHON:
             counts["drawdown"] = _drawdown_of_marks(cursor, connection, window)
     submitted = counts["orders"] or 0
@@ -132,6 +132,7 @@ _AGGREGATE_KEYS = (
     "slippage",
     "latency_n",
     "latency_p95",
+    "latency_above",
     "confluence",
     "drawdown",
     "heard",
@@ -144,10 +145,10 @@ def _aggregates_sql(vendor: str, n_symbols: int) -> str:
     if vendor == "postgresql":
         p95 = (
             f"percentile_cont({P95}) WITHIN GROUP (ORDER BY {latency})"
-            f" FILTER (WHERE {_HAS_LATENCY})"
+            f" FILTER (WHERE {_HAS_LATENCY}), NULL"
         )
     else:
-        p95 = "NULL"
+        p95 = _NEIGHBOURS_SQL.format(orders=Order._meta.db_table, latency=latency)
     orders, signals = Order._meta.db_table, Signal._meta.db_table
     if vendor in _DRAWDOWN_IN_PYTHON:
         drawdown = "SELECT NULL"
@@ -163,7 +164,12 @@ def _aggregates_sql(vendor: str, n_symbols: int) -> str:
                 FROM ({names}) names)"""
     else:
         heard = "NULL"
-    return f"""
+    with_ = ""
+    if vendor != "postgresql":
+        with_ = _NEIGHBOURS_WITH.format(
+            latency=latency, orders=orders, where=_WHERE, has=_HAS_LATENCY
+        )
+    return f"""{with_}
         SELECT COUNT(*),
                SUM(CASE WHEN {_ERRORED_SQL} THEN 1 ELSE 0 END),
                SUM(CASE WHEN o.critical THEN 1 ELSE 0 END),
@@ -193,7 +199,8 @@ def _aggregates(
     if connection.vendor in _DRAWDOWN_IN_PYTHON:
         drawdown = []
     heard = [timeframe, since, *symbols] if symbols else []
-    execute(cursor, sql, params + drawdown + heard + params)
+    p95 = [] if connection.vendor == "postgresql" else _neighbours_params(params)
+    execute(cursor, sql, p95 + params + drawdown + heard + params)
     row = cursor.fetchone()
     return dict(zip(_AGGREGATE_KEYS, row, strict=True))
 
@@ -212,26 +219,31 @@ def _confluence(value: Any) -> float | None:
 
 # --- latency percentile on SQLite ---------------------------------------------------------
 
+# percentile_cont without the function: the two neighbouring values of the rank
+# ``0.95 * (n - 1)`` (``ORDER BY ... LIMIT 1 OFFSET k`` and ``k + 1``, k its floor: the
+# count's CAST, never negative there), read by the aggregates' statement and interpolated
+# by ``_interpolated_p95``. The fraction is a parameter, bound as the double Python uses.
+_NEIGHBOURS_SQL = """(SELECT v FROM lat ORDER BY v LIMIT 1 OFFSET (SELECT k FROM lat_rank)),
+               (SELECT v FROM lat ORDER BY v LIMIT 1 OFFSET (SELECT k FROM lat_rank) + 1)"""
+_NEIGHBOURS_WITH = (
+    "WITH lat AS (SELECT {latency} AS v FROM {orders} o WHERE {where} AND {has}),"
+    " lat_rank AS (SELECT CAST(%s * (COUNT(*) - 1) AS INTEGER) AS k FROM lat)"
+)
 
-def _latency_p95_offset(cursor: Any, connection: Any, window: Window, n: int) -> float | None:
-    """percentile_cont without the function: the two neighbouring values of the rank
-    ``0.95 * (n - 1)``, fetched with ORDER BY ... LIMIT 2 OFFSET k, interpolated."""
-    latency = _LATENCY_EXPR["sqlite"]
-    rank = P95 * (n - 1)
-    k = math.floor(rank)
-    execute(
-        cursor,
-        f"SELECT {latency} AS v FROM {Order._meta.db_table} o"
-        f" WHERE {_WHERE} AND {_HAS_LATENCY} ORDER BY v LIMIT 2 OFFSET %s",
-        [*_params(connection, window), k],
-    )
-    values = [row[0] for row in cursor.fetchall()]
-    if not values:
+
+def _neighbours_params(params: list[Any]) -> list[Any]:
+    return [*params, P95]
+
+
+def _interpolated_p95(n: int | None, low: float | None, high: float | None) -> float | None:
+    """The percentile from the neighbours of its rank among ``n`` latencies (``high`` None:
+    ``low`` is the last)."""
+    if not n or low is None:
         return None
-    if len(values) == 1:
-        return values[0]
-    low, high = values
-    return low + (high - low) * (rank - k)
+    if high is None:
+        return low
+    rank = P95 * (n - 1)
+    return low + (high - low) * (rank - math.floor(rank))
 
 
 def _nonneg(value: Any) -> float | None:

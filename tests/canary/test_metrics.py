@@ -1,5 +1,6 @@
 """Phase-window metrics computed in SQL (SQLite here, PostgreSQL in CI: same tests)."""
 
+import math
 import random
 
 import numpy as np
@@ -98,6 +99,31 @@ def test_latency_p95_is_percentile_cont(n):
     )
     expected = float(np.percentile(latencies, 95))
     assert metrics_of(deployment).latency_p95_ms == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 20, 21, 101])
+def test_latency_p95_interpolates_the_neighbours_of_its_rank_exactly(n):
+    """The value the metric has always had on SQLite (bit for bit), computed as
+    percentile_cont is on PostgreSQL: the rank's two neighbours interpolated."""
+    from django.db import connection
+
+    deployment = make_deployment()
+    rng = random.Random(1000 + n)
+    latencies = [rng.uniform(0.01, 900.0) for _ in range(n)]
+    add_orders(
+        deployment,
+        [order(deployment, when=at(i + 1), latency_ms=v) for i, v in enumerate(latencies)]
+        + [order(deployment, when=at(n + 2), latency_ms=None, status=OrderStatus.PENDING)],
+    )
+    got = metrics_of(deployment).latency_p95_ms
+    if connection.vendor != "sqlite":
+        assert got == pytest.approx(float(np.percentile(latencies, 95)), abs=1e-9)
+        return
+    values = sorted(latencies)
+    rank = 0.95 * (n - 1)
+    k = math.floor(rank)
+    expected = values[k] if k + 1 >= n else values[k] + (values[k + 1] - values[k]) * (rank - k)
+    assert got == expected
 
 
 def test_latency_falls_back_to_ack_minus_submit():
