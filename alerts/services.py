@@ -370,6 +370,9 @@ def _candle_event(
 
 
 PURE_FIELDS = ("open_time_ms", "open", "high", "low", "close", "volume")
+STREAM_FIELDS = ("exchange", "symbol", "timeframe")
+Stream = tuple[str, str, str]
+"""(exchange, symbol, timeframe)"""
 _STREAM_SAMPLES = {"exchange": ("x1", "x2"), "symbol": ("s1", "s2"), "timeframe": ("t1", "t2")}
 
 
@@ -454,15 +457,6 @@ def _ids_sql(column: str, ids: list[int], table: str = "") -> tuple[str, list[An
     return f"{column} IN ({', '.join(['%s'] * len(ids))})", list(ids)
 
 
-def _lock_stream(exchange: str, symbol: str, timeframe: str) -> None:
-    """Serialise processing of one stream (PostgreSQL advisory lock for the transaction;
-    SQLite's immediate transactions already serialise writers)."""
-    if connection.vendor == "postgresql":
-        key = zlib.crc32(f"alerts:{exchange}:{symbol}:{timeframe}".encode())
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])
-
-
 def _stream_candles(
     stream: dict[str, str], pending: list[_Pending], lookback: int
 ) -> list[tuple[int, PureCandle]]:
@@ -520,40 +514,194 @@ def _mark_processed(candle_ids: list[int], now: datetime) -> None:
         )
 
 
+def _stream_lock_key(stream: Stream) -> int:
+    return zlib.crc32("alerts:{}:{}:{}".format(*stream).encode())
+
+
+def _lock_streams(streams: list[Stream]) -> None:
+    """Serialise the processing of these streams: a PostgreSQL advisory lock each, for the
+    transaction, taken in one statement in the order of their keys (so that two runs
+    locking overlapping streams cannot wait on each other); SQLite's immediate
+    transactions already serialise writers."""
+    if connection.vendor != "postgresql" or not streams:
+        return
+    keys = sorted({_stream_lock_key(s) for s in streams})
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_advisory_xact_lock(k))"
+            " FROM (SELECT k FROM unnest(%s::bigint[]) AS u(k) ORDER BY k) AS ordered",
+            [keys],
+        )
+
+
+def _stream_arrays(streams: list[Stream]) -> list[list[str]]:
+    """The streams as three arrays (exchanges, symbols, timeframes) for unnest()."""
+    return [[s[i] for s in streams] for i in range(3)]
+
+
+_CANDLE_TABLE = Candle._meta.db_table
+_PENDING_MANY_SQL = (
+    f"SELECT p.exchange, p.symbol, p.timeframe, p.id, {', '.join(f'p.{f}' for f in PURE_FIELDS)},"
+    " p.close_time_ms, p.ingested_at,"
+    f" EXISTS (SELECT 1 FROM {Alert._meta.db_table} a WHERE a.candle_id = p.id)"
+    " FROM (SELECT c.*, row_number() OVER ("
+    "  PARTITION BY c.exchange, c.symbol, c.timeframe ORDER BY c.open_time_ms) AS n"
+    f"  FROM {_CANDLE_TABLE} c"
+    "  JOIN unnest(%s::varchar[], %s::varchar[], %s::varchar[]) AS s(exchange, symbol, timeframe)"
+    "  ON c.exchange = s.exchange AND c.symbol = s.symbol AND c.timeframe = s.timeframe"
+    "  WHERE c.processed_at IS NULL AND NOT c.late) AS p"
+    " WHERE p.n <= %s ORDER BY p.exchange, p.symbol, p.timeframe, p.open_time_ms"
+)
+
+
+def _pending_many(streams: list[Stream]) -> dict[Stream, list[_Pending]]:
+    """Each stream's pending candles (as _pending): on PostgreSQL in one statement."""
+    if not streams:
+        return {}
+    if connection.vendor != "postgresql":
+        found = {s: _pending(dict(zip(STREAM_FIELDS, s, strict=True))) for s in streams}
+        return {s: rows for s, rows in found.items() if rows}
+    by_stream: dict[Stream, list[_Pending]] = defaultdict(list)
+    with connection.cursor() as cursor:
+        cursor.execute(_PENDING_MANY_SQL, [*_stream_arrays(streams), settings.ALERTS_PROCESS_BATCH])
+        for *stream, pk, t, o, h, lo, c, v, close_ms, ingested, alerted in cursor.fetchall():
+            candle = PureCandle(t, o, h, lo, c, v)
+            by_stream[tuple(stream)].append(_Pending(pk, candle, close_ms, ingested, bool(alerted)))
+    return dict(by_stream)
+
+
+_HISTORY_COLUMNS = f"c.id, {', '.join(f'c.{f}' for f in PURE_FIELDS)}"
+_SAME_STREAM = "c.exchange = s.exchange AND c.symbol = s.symbol AND c.timeframe = s.timeframe"
+_HISTORY_MANY_SQL = (
+    f"SELECT s.i, {', '.join(f'h.{f}' for f in ('id', *PURE_FIELDS))}"
+    " FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[], %s::bigint[], %s::bigint[],"
+    "  %s::int[]) WITH ORDINALITY AS s(exchange, symbol, timeframe, first_ms, upto_ms, lookback, i)"
+    " CROSS JOIN LATERAL ("
+    f"  (SELECT {_HISTORY_COLUMNS} FROM {_CANDLE_TABLE} c"
+    f"   WHERE {_SAME_STREAM} AND c.open_time_ms < s.first_ms"
+    "   ORDER BY c.open_time_ms DESC LIMIT s.lookback)"
+    "  UNION ALL"
+    f"  (SELECT {_HISTORY_COLUMNS} FROM {_CANDLE_TABLE} c"
+    f"   WHERE {_SAME_STREAM} AND c.open_time_ms BETWEEN s.first_ms AND s.upto_ms)"
+    " ) AS h"
+)
+
+
+def _histories(
+    work: list[tuple[Stream, list[_Pending], int]],
+) -> dict[Stream, list[tuple[int, PureCandle]]]:
+    """Each stream's candles for its detectors (as _stream_candles, given its pending
+    candles and lookback): on PostgreSQL in one statement."""
+    if not work:
+        return {}
+    if connection.vendor != "postgresql":
+        return {
+            stream: _stream_candles(dict(zip(STREAM_FIELDS, stream, strict=True)), pending, back)
+            for stream, pending, back in work
+        }
+    arrays = _stream_arrays([stream for stream, _, _ in work])
+    arrays += [
+        [pending[0].open_time_ms for _, pending, _ in work],
+        [pending[-1].open_time_ms for _, pending, _ in work],
+        [back for _, _, back in work],
+    ]
+    found: dict[int, list[tuple[int, PureCandle]]] = defaultdict(list)
+    with connection.cursor() as cursor:
+        cursor.execute(_HISTORY_MANY_SQL, arrays)
+        for i, pk, *values in cursor.fetchall():
+            found[i].append((pk, PureCandle(*values)))
+    return {
+        stream: sorted(found[i], key=lambda row: row[1].open_time_ms)
+        for i, (stream, _, _) in enumerate(work, start=1)
+    }
+
+
+def _stream_alerts(
+    stream: Stream,
+    pending: list[_Pending],
+    history: list[tuple[int, PureCandle]],
+    specs: list[selectors.RuleSpec],
+    detectors: list[Detector[Any, Any]],
+) -> list[Alert]:
+    """The stream's detections on its pending candles, recorded as alerts. Who gets what
+    (silences, recipients, presence) is read only when there are detections: most candles
+    have none. The writes are made in a savepoint, so that a failure undoes this stream's
+    alone."""
+    if not detectors:
+        return []
+    by_name = {spec.detector: spec for spec in specs}
+    fields = dict(zip(STREAM_FIELDS, stream, strict=True))
+    hits = _detect(history, pending, detectors)
+    events = [
+        _candle_event(fields, c, det, by_name[det.detector], timezone.now()) for c, det in hits
+    ]
+    if not events:
+        return []
+    with transaction.atomic():
+        fan = _Fanout.load()
+        alerts = _record_candle_alerts(events, fan, rerun=any(c.alerted for c in pending))
+        if alerts:
+            _finish(fan)
+    return alerts
+
+
+def streams_process(
+    streams: list[Stream], rules: list[selectors.RuleSpec] | None = None
+) -> tuple[list[Alert], Exception | None]:
+    """Run each stream's detectors on all its unprocessed in-order candles, in open-time
+    order, and record the alerts, for all these streams in one transaction: their locks,
+    their pending candles and their history are each read in one statement on PostgreSQL
+    and the processed candles marked in one, so that a pass over several streams costs
+    about what one stream costs. Late candles are never processed. A backlog is taken in
+    one go (ALERTS_PROCESS_BATCH candles a stream at most), so a busy worker catches up.
+
+    A stream whose detection or recording fails is logged and left pending (its writes
+    undone) without holding up the others; the first such error is returned with the
+    alerts. A database error is raised at once. ``rules``: the usable rules, read once for
+    several passes (default: read now)."""
+    if not streams:
+        return [], None
+    if rules is None:
+        rules = selectors.usable_rules()
+    specs = {s: selectors.rules_for_stream(s[1], s[2], rules) for s in streams}
+    alerts: list[Alert] = []
+    failed: Exception | None = None
+    with transaction.atomic():
+        _lock_streams(streams)
+        pending = _pending_many(streams)
+        detectors = {s: [spec.build() for spec in specs[s]] for s in pending}
+        histories = _histories(
+            [
+                (s, pending[s], max(d.lookback for d in detectors[s]))
+                for s in pending
+                if detectors[s]
+            ]
+        )
+        done: list[int] = []
+        for stream, candles in pending.items():
+            try:
+                alerts += _stream_alerts(
+                    stream, candles, histories.get(stream, []), specs[stream], detectors[stream]
+                )
+            except DatabaseError:
+                raise
+            except Exception as exc:
+                log.exception("stream %s:%s:%s not processed", *stream)
+                failed = failed or exc
+                continue
+            done += [c.pk for c in candles]
+        if done:
+            _mark_processed(done, timezone.now())
+    return alerts, failed
+
+
 def stream_process(
     *, exchange: str, symbol: str, timeframe: str, rules: list[selectors.RuleSpec] | None = None
 ) -> list[Alert]:
-    """Run the stream's detectors on all its unprocessed in-order candles, in open-time
-    order, and record the alerts. Late candles are never processed. A backlog is taken in
-    one go (one transaction, one WebSocket broadcast), so a busy worker catches up. Who
-    gets what (silences, recipients, presence) is read only when there are detections:
-    most candles have none. ``rules``: the usable rules, read once for several streams
-    (default: read now)."""
-    stream = {"exchange": exchange, "symbol": symbol, "timeframe": timeframe}
-    specs = selectors.rules_for_stream(symbol, timeframe, rules)
-    by_name = {spec.detector: spec for spec in specs}
-    detectors = [spec.build() for spec in specs]
-    with transaction.atomic():
-        _lock_stream(exchange, symbol, timeframe)
-        pending = _pending(stream)
-        if not pending:
-            return []
-        alerts: list[Alert] = []
-        fan = None
-        if detectors:
-            lookback = max(d.lookback for d in detectors)
-            hits = _detect(_stream_candles(stream, pending, lookback), pending, detectors)
-            events = [
-                _candle_event(stream, c, det, by_name[det.detector], timezone.now())
-                for c, det in hits
-            ]
-            if events:
-                fan = _Fanout.load()
-                rerun = any(c.alerted for c in pending)
-                alerts = _record_candle_alerts(events, fan, rerun=rerun)
-        _mark_processed([c.pk for c in pending], timezone.now())
-        if fan is not None and alerts:
-            _finish(fan)
+    """One stream's pending candles (streams_process); its failure is raised."""
+    alerts, failed = streams_process([(exchange, symbol, timeframe)], rules)
+    if failed is not None:
+        raise failed
     return alerts
 
 
@@ -659,26 +807,6 @@ def pending_streams() -> list[tuple[str, str, str]]:
     return [tuple(row) for row in _PENDING_STREAMS.rows()]
 
 
-def _process_streams(streams: list[tuple[str, str, str]]) -> tuple[list[Alert], Exception | None]:
-    """Process these streams with the rules read once; a stream whose processing fails is
-    logged and left pending without holding up the others (the first such error is
-    returned); a database error is raised at once."""
-    alerts: list[Alert] = []
-    failed: Exception | None = None
-    rules = selectors.usable_rules()
-    for exchange, symbol, timeframe in streams:
-        try:
-            alerts += stream_process(
-                exchange=exchange, symbol=symbol, timeframe=timeframe, rules=rules
-            )
-        except DatabaseError:
-            raise
-        except Exception as exc:
-            log.exception("stream %s:%s:%s not processed", exchange, symbol, timeframe)
-            failed = failed or exc
-    return alerts, failed
-
-
 def _wait_for_more(flags: redis.Redis, linger_s: float) -> bool:
     """Up to ``linger_s`` for word of more candles; True when it came. Then what the worker
     does before each task (config.celery), since a run lasts as long as several: a
@@ -692,8 +820,19 @@ def _wait_for_more(flags: redis.Redis, linger_s: float) -> bool:
     return woken
 
 
+def _another_pass(flags: redis.Redis, found: bool, not_before: float, linger_s: float) -> bool:
+    """Whether the run makes another pass: after one that ``found`` candles, yes, once the
+    monotonic clock reaches ``not_before`` (at once when run eagerly, ``linger_s`` 0);
+    otherwise when word of more came while it waited (_wait_for_more)."""
+    if found:
+        if linger_s > 0:
+            time.sleep(max(0.0, not_before - time.monotonic()))
+        return True
+    return _wait_for_more(flags, linger_s)
+
+
 def candles_process_pending(
-    linger_s: float | None = None, max_s: float | None = None
+    linger_s: float | None = None, max_s: float | None = None, pass_s: float | None = None
 ) -> list[Alert]:
     """The run queued by candles_queue, holding its flag: process every stream with pending
     candles, then wait up to ``linger_s`` (ALERTS_RUN_LINGER_S) for word of more and
@@ -701,7 +840,11 @@ def candles_process_pending(
     the flag go and looks once more: candles whose batch saw the flag held before it was
     let go are visible to that look, and are taken (with the flag taken back) unless a new
     run was sent for them meanwhile. After ``max_s`` (ALERTS_RUN_MAX_S) of candles it sends
-    a new run to carry on, so that no task outlives its time limit.
+    a new run to carry on, so that no task outlives its time limit. While candles keep
+    coming it starts a pass at most every ``pass_s`` (ALERTS_RUN_PASS_S), so that a pass
+    takes the candles of several streams together (streams_process); the first candles
+    after a quiet spell are taken at once. Run eagerly (``linger_s`` 0) it neither waits
+    nor paces.
 
     A stream whose processing fails is logged and left pending (the next run takes it
     again) without holding up the other streams; the run then ends, failing with the first
@@ -709,6 +852,7 @@ def candles_process_pending(
     run processes what is pending once and ends."""
     linger_s = settings.ALERTS_RUN_LINGER_S if linger_s is None else linger_s
     max_s = settings.ALERTS_RUN_MAX_S if max_s is None else max_s
+    pass_s = settings.ALERTS_RUN_PASS_S if pass_s is None else pass_s
     ttl = settings.ALERTS_QUEUED_FLAG_TTL_S
     flags = _queue_flags()
     deadline = time.monotonic() + max_s
@@ -717,6 +861,7 @@ def candles_process_pending(
     hand_over = False
     try:
         while True:
+            started = time.monotonic()
             try:
                 flags.pipeline(transaction=False).set(QUEUED_KEY, "1", ex=ttl).delete(
                     POKE_KEY
@@ -726,7 +871,7 @@ def candles_process_pending(
                 log.warning("candle processing flag unreachable: %s", err)
                 held = False
             streams = pending_streams()
-            done, failed = _process_streams(streams)
+            done, failed = streams_process(streams)
             alerts += done
             if failed is not None:
                 break
@@ -735,7 +880,7 @@ def candles_process_pending(
             if time.monotonic() >= deadline and streams:
                 hand_over = True
                 break
-            if streams or _wait_for_more(flags, linger_s):
+            if _another_pass(flags, bool(streams), started + pass_s, linger_s):
                 continue
             flags.delete(QUEUED_KEY)
             if not pending_streams() or not flags.set(QUEUED_KEY, "1", nx=True, ex=ttl):

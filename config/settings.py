@@ -294,6 +294,12 @@ if ALERTS_QUEUED_FLAG_TTL_S <= 0:
 ALERTS_RUN_LINGER_S = env.float("ALERTS_RUN_LINGER_S", default=0.1)
 if not 0 <= ALERTS_RUN_LINGER_S <= 1:
     raise ImproperlyConfigured("ALERTS_RUN_LINGER_S must be between 0 and 1 (seconds)")
+# ALERTS_RUN_PASS_S: while candles keep coming, a run starts a pass over the pending
+# streams at most this often (seconds), so that a pass takes several streams' candles in
+# one transaction (alerts.services.streams_process) instead of one each.
+ALERTS_RUN_PASS_S = env.float("ALERTS_RUN_PASS_S", default=0.02)
+if not 0 <= ALERTS_RUN_PASS_S <= 0.5:
+    raise ImproperlyConfigured("ALERTS_RUN_PASS_S must be between 0 and 0.5 (seconds)")
 ALERTS_RUN_MAX_S = env.float("ALERTS_RUN_MAX_S", default=20.0)
 if not 0 < ALERTS_RUN_MAX_S <= 60:
     raise ImproperlyConfigured("ALERTS_RUN_MAX_S must be > 0 and <= 60 (seconds)")

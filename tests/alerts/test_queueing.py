@@ -234,14 +234,14 @@ def test_a_failing_stream_holds_up_no_other_and_stays_pending(
 
     _ingest(engulfing_pair(0, 100.0), django_capture_on_commit_callbacks)
     _ingest(engulfing_pair(0, 50.0, symbol="BTC/USDT"), django_capture_on_commit_callbacks)
-    process = services.stream_process
+    process = services._stream_alerts
 
-    def stream_process(*, exchange, symbol, timeframe, rules=None):
-        if symbol == "BTC/USDT":
+    def stream_alerts(stream, *args):
+        if stream[1] == "BTC/USDT":
             raise ZeroDivisionError("a detector failed")
-        return process(exchange=exchange, symbol=symbol, timeframe=timeframe, rules=rules)
+        return process(stream, *args)
 
-    monkeypatch.setattr(services, "stream_process", stream_process)
+    monkeypatch.setattr(services, "_stream_alerts", stream_alerts)
     with pytest.raises(ZeroDivisionError):
         services.candles_process_pending()
     assert Candle.objects.filter(symbol="ETH/BTC", processed_at__isnull=True).count() == 0
@@ -261,11 +261,11 @@ def test_a_database_error_ends_the_run_at_once(
     _ingest(engulfing_pair(0, 50.0, symbol="BTC/USDT"), django_capture_on_commit_callbacks)
     tried = []
 
-    def stream_process(*, exchange, symbol, timeframe, rules=None):
-        tried.append(symbol)
+    def stream_alerts(stream, *args):
+        tried.append(stream[1])
         raise OperationalError("the database went away")
 
-    monkeypatch.setattr(services, "stream_process", stream_process)
+    monkeypatch.setattr(services, "_stream_alerts", stream_alerts)
     with pytest.raises(OperationalError):
         services.candles_process_pending()
     assert tried == ["BTC/USDT"]
@@ -316,10 +316,10 @@ def test_a_stream_failing_on_redis_fails_the_run_with_that_error(
 
     _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
 
-    def stream_process(*, exchange, symbol, timeframe, rules=None):
+    def stream_alerts(stream, *args):
         raise redis.ConnectionError("the channel layer's Redis went away")
 
-    monkeypatch.setattr(services, "stream_process", stream_process)
+    monkeypatch.setattr(services, "_stream_alerts", stream_alerts)
     with pytest.raises(redis.ConnectionError):
         services.candles_process_pending(linger_s=0)
     assert flag.get(services.QUEUED_KEY) is None
@@ -361,3 +361,103 @@ def test_a_connection_dropped_while_the_run_waits_is_replaced_before_it_reads_ag
     assert dropped
     assert not Candle.objects.filter(processed_at__isnull=True).exists()
     assert flag.get(services.QUEUED_KEY) is None
+
+
+def _csv_stream(name: str, symbol: str, n: int) -> list[dict]:
+    from .helpers import MARKET
+
+    out = []
+    for row in (MARKET / name).read_text().splitlines()[1 : n + 1]:
+        ts, o, h, lo, c, v = row.split(",")[:6]
+        values = {"open": float(o), "high": float(h), "low": float(lo), "close": float(c)}
+        out.append(
+            {
+                "exchange": "binance",
+                "symbol": symbol,
+                "timeframe": "5m",
+                "open_time_ms": int(ts),
+                **values,
+                "volume": float(v),
+            }
+        )
+    return out
+
+
+def test_one_run_over_several_streams_in_passes_finds_each_streams_backtest(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks
+):
+    """Several streams' backlogs, taken a few candles a stream per pass (each pass reading
+    every stream's pending candles and history together), give each stream exactly the
+    detections and decisions of its backtest."""
+    from alerts.backtest import run_backtest
+    from alerts.detectors import load_csv
+    from alerts.models import Alert
+    from alerts.services import candles_process_pending, pending_streams
+
+    from .helpers import MARKET
+
+    alert_settings.ALERTS_PROCESS_BATCH = 7
+    n = 160
+    files = {"ETH/BTC": "ETH_BTC-5m.csv", "LTC/BTC": "LTC_BTC-5m.csv", "ADA/BTC": "ADA_BTC-5m.csv"}
+    series = {symbol: _csv_stream(name, symbol, n) for symbol, name in files.items()}
+    for start in range(0, n, 40):  # interleaved batches, as feeds post them
+        for items in series.values():
+            _ingest(items[start : start + 40], django_capture_on_commit_callbacks)
+    assert len(pending_streams()) == 3
+    candles_process_pending(linger_s=0)
+    assert pending_streams() == []
+    for symbol, name in files.items():
+        arrays = {k: v[:n] for k, v in load_csv(MARKET / name).items()}
+        expected = run_backtest(
+            arrays, symbol=symbol, timeframe="5m", rules=[], default_rate_limit_s=60.0
+        )
+        live = Alert.objects.filter(symbol=symbol).order_by("event_ms", "detector")
+        got = [(a.event_ms, a.detector, a.direction, a.suppressed) for a in live]
+        assert got == [(r.ts, r.detector, r.direction, r.suppressed) for r in expected]
+        assert got, f"{symbol}: the data should give some detections"
+
+
+def test_a_stream_failing_after_its_alerts_were_written_undoes_them_alone(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    from alerts import services
+    from alerts.models import Alert
+    from trading.models import Candle
+
+    _ingest(engulfing_pair(0, 100.0), django_capture_on_commit_callbacks)
+    _ingest(engulfing_pair(0, 50.0, symbol="BTC/USDT"), django_capture_on_commit_callbacks)
+    finish = services._finish
+
+    def failing_finish(fan, **kwargs):
+        if any(a.symbol == "BTC/USDT" for a in fan.delivered):
+            assert Alert.objects.filter(symbol="BTC/USDT").exists()  # written, then undone
+            raise ValueError("recording failed")
+        return finish(fan, **kwargs)
+
+    monkeypatch.setattr(services, "_finish", failing_finish)
+    with pytest.raises(ValueError, match="recording failed"):
+        services.candles_process_pending(linger_s=0)
+    assert list(Alert.objects.values_list("symbol", "detector")) == [("ETH/BTC", "engulfing")]
+    assert Candle.objects.filter(symbol="BTC/USDT", processed_at__isnull=True).count() == 2
+    assert Candle.objects.filter(symbol="ETH/BTC", processed_at__isnull=True).count() == 0
+
+
+def test_while_candles_keep_coming_a_run_starts_a_pass_at_most_every_pass_s(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    """After a pass that found candles the run rests for the rest of ``pass_s`` before the
+    next (so that the next takes several streams' candles together); run eagerly, never."""
+    from alerts import services
+    from trading.models import Candle
+
+    slept: list[float] = []
+    monkeypatch.setattr(services.time, "sleep", slept.append)
+    _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
+    services.candles_process_pending(linger_s=0.05, pass_s=30.0)
+    assert len(slept) == 1 and 29.0 < slept[0] <= 30.0
+    assert not Candle.objects.filter(processed_at__isnull=True).exists()
+
+    _ingest([candle(1, 100.1, 100.2)], django_capture_on_commit_callbacks)
+    services.candles_process_pending(linger_s=0, pass_s=30.0)
+    assert len(slept) == 1
+    assert not Candle.objects.filter(processed_at__isnull=True).exists()
