@@ -46,7 +46,7 @@ from django.db.models import Count, Max, Min
 
 from audit.roles import ensure_roles
 from trading.models import Candle, Deployment, EquitySnapshot, MarketStream, Order
-from trading.rows import execute, fetch_one, from_db, sql_once
+from trading.rows import adapt_datetime, execute, fetch_one, from_db, sql_once
 from trading.timeframes import timeframe_ms
 
 from . import services
@@ -285,7 +285,7 @@ def _stream_heard(
 ) -> int:
     """``MarketStream.objects.filter(...).update(...)`` with its SQL written once."""
     connection = transaction.get_connection()
-    received = connection.ops.adapt_datetimefield_value(last_received_at)
+    received = adapt_datetime(connection, last_received_at)
     with connection.cursor() as cursor:
         execute(cursor, _STREAM_SQL, [last_open_time_ms, received, exchange, symbol, timeframe])
         return cursor.rowcount

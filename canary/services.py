@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from trading.models import Deployment, KillSwitch
-from trading.rows import ModelRows, fetch_one
+from trading.rows import ModelRows, fetch_one, prep_save
 
 from .engine import ThresholdError, Thresholds
 from .models import (
@@ -1022,7 +1022,7 @@ def _phase_extended(phase: Phase, *, warning: bool, now: datetime) -> Phase | No
             f" WHERE {qn('id')} = %s AND {qn('extension_s')} = %s RETURNING {returning}"
         )
 
-    ends_at = _ENDS_AT.get_db_prep_save(now + timedelta(seconds=phase.extension_s), connection)
+    ends_at = prep_save(_ENDS_AT, now + timedelta(seconds=phase.extension_s), connection)
     row = fetch_one(
         connection,
         ("phase_extended",),

@@ -97,11 +97,67 @@ def fetch_one(
         return cursor.fetchone()
 
 
+def _utc_text(connection: Any, value: Any) -> str | None:
+    """The text Django's SQLite backend writes for ``value`` when it is an aware UTC
+    datetime and the connection's time zone is UTC (``make_naive`` to UTC is then only
+    dropping the tzinfo); None otherwise (not that case: ask the backend)."""
+    if (
+        type(value) is datetime
+        and value.tzinfo is UTC
+        and connection.vendor == "sqlite"
+        and connection.timezone is UTC
+    ):
+        return str(value.replace(tzinfo=None))
+    return None
+
+
+def adapt_datetime(connection: Any, value: Any) -> Any:
+    """``connection.ops.adapt_datetimefield_value(value)``, the common case (``_utc_text``)
+    without its checks: the same value."""
+    text = _utc_text(connection, value)
+    return connection.ops.adapt_datetimefield_value(value) if text is None else text
+
+
+def prep_save(field: Field, value: Any, connection: Any) -> Any:
+    """``field.get_db_prep_save(value, connection)``; for a plain DateTimeField (whose
+    preparation of an aware datetime is the backend's adaptation) the common case
+    (``_utc_text``) without its checks: the same value."""
+    if type(field) is DateTimeField:
+        text = _utc_text(connection, value)
+        if text is not None:
+            return text
+    return field.get_db_prep_save(value, connection)
+
+
+def _utc_datetime(value: Any, expression: Any, connection: Any) -> Any:
+    """Django's SQLite ``convert_datetimefield_value``; its common case (a text without an
+    offset read on a connection whose time zone is UTC: ``fromisoformat``, then the UTC
+    tzinfo) without its checks: the same value."""
+    if type(value) is str and connection.timezone is UTC:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    return connection.ops.convert_datetimefield_value(value, expression, connection)
+
+
+def read_converters(connection: Any, col: Any) -> list[Any]:
+    """The converters of a column's values read from the database (the backend's, then
+    the field's), Django's SQLite datetime converter replaced by ``_utc_datetime``."""
+    funcs = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+    if connection.vendor == "sqlite":
+        convert = connection.ops.convert_datetimefield_value
+        funcs = [_utc_datetime if func == convert else func for func in funcs]
+    return funcs
+
+
 def from_db(connection: Any, field: Field) -> Callable[[Any], Any]:
     """A function turning a value read from ``field``'s column as the ORM turns it (an
     aware datetime from SQLite's text, say)."""
     col = field.get_col(field.model._meta.db_table)
-    funcs = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+    funcs = read_converters(connection, col)
 
     def convert(value: Any) -> Any:
         for func in funcs:
@@ -135,7 +191,7 @@ class ModelRows:
             converters = []
             for i, f in enumerate(self.fields):
                 col = f.get_col(self.alias)
-                funcs = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+                funcs = read_converters(connection, col)
                 if funcs:
                     converters.append((i, funcs, col))
             self._converters[key] = converters
@@ -154,7 +210,7 @@ class ModelRows:
     def insert(self, connection: Any, values: Mapping[str, Any]) -> int:
         """INSERT one row (``values`` by attname, the others are not written); its id."""
         fields = [f for f in self.fields if f.attname in values]
-        params = [f.get_db_prep_save(values[f.attname], connection) for f in fields]
+        params = [prep_save(f, values[f.attname], connection) for f in fields]
         returning = connection.features.can_return_columns_from_insert
 
         def build() -> str:
@@ -195,8 +251,7 @@ class ModelRows:
         key = (self.table, "update", tuple(values), tuple(where), nulls)
         sql = sql_once(connection, key, build)
         params = [
-            f.get_db_prep_save(v, connection)
-            for f, v in zip(set_fields, values.values(), strict=True)
+            prep_save(f, v, connection) for f, v in zip(set_fields, values.values(), strict=True)
         ]
         params += [
             f.get_db_prep_value(v, connection)
@@ -345,7 +400,7 @@ class BulkInsert:
                             if once and type(value) is datetime and value.tzinfo is UTC:
                                 key = (i, value)
                                 if key not in prepared:
-                                    prepared[key] = f.get_db_prep_save(value, connection)
+                                    prepared[key] = prep_save(f, value, connection)
                                 value = prepared[key]
                             else:
                                 value = f.get_db_prep_save(value, connection)

@@ -340,7 +340,7 @@ def _stored_signal(deployment: Deployment, candle: Candle) -> Signal:
         converters = []
         for i, f in enumerate(_SIGNAL_FIELDS):
             col = f.get_col(Signal._meta.db_table)
-            funcs = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+            funcs = rows.read_converters(connection, col)
             if funcs:
                 converters.append((i, funcs, col))
         _SIGNAL_CONVERTERS[key] = converters

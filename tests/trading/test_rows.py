@@ -110,3 +110,63 @@ def test_execute_names_more_parameters_than_it_keeps_names_for():
     with connection.cursor() as cursor:
         rows.execute(cursor, sql, params)
         assert list(cursor.fetchone()) == params
+
+
+DATETIMES = [
+    datetime(2024, 1, 1, 12, 0, tzinfo=UTC),
+    datetime(2024, 1, 1, 12, 0, 0, 1, tzinfo=UTC),
+    datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    datetime(2024, 2, 29, 0, 0, 0, 500000, tzinfo=UTC),
+]
+
+
+@pytest.mark.parametrize("value", DATETIMES)
+def test_datetimes_are_written_and_read_as_the_backend_does(value):
+    from datetime import timedelta, timezone
+
+    field = Order._meta.get_field("submitted_at")
+    col = field.get_col(Order._meta.db_table)
+    backend = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+    ours = rows.read_converters(connection, col)
+
+    def read(funcs, raw):
+        for func in funcs:
+            raw = func(raw, col, connection)
+        return raw
+
+    other_zone = value.astimezone(timezone(timedelta(hours=2)))
+    for written in (value, other_zone, None):
+        expected = field.get_db_prep_save(written, connection)
+        assert rows.prep_save(field, written, connection) == expected
+        if written is not None:
+            assert rows.adapt_datetime(connection, written) == expected
+        got, want = read(ours, expected), read(backend, expected)
+        assert got == want and type(got) is type(want)
+        assert getattr(got, "tzinfo", None) == getattr(want, "tzinfo", None)
+    if connection.vendor == "sqlite":
+        for text in ("2024-01-01 12:00:00+02:00", "2024-01-01T12:00:00", "2024-01-01 12:00"):
+            got, want = read(ours, text), read(backend, text)
+            assert got == want and got.utcoffset() == want.utcoffset()
+
+
+def test_rows_read_back_the_datetimes_the_orm_reads():
+    dep = make_deployment()
+    order = Order.objects.create(
+        deployment=dep,
+        client_order_id="dt-1",
+        symbol=ETH,
+        side="buy",
+        requested_qty=1.0,
+        status=OrderStatus.FILLED,
+        created_at=DATETIMES[0],
+        submitted_at=DATETIMES[1],
+        acked_at=DATETIMES[2],
+    )
+    read = rows.ModelRows(Order, "o")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {read.columns(connection)} FROM {Order._meta.db_table} o WHERE o.id = %s",
+            [order.pk],
+        )
+        got = read.instance(connection, cursor.fetchone())
+    assert values(got) == values(Order.objects.get(pk=order.pk))
