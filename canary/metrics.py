@@ -31,13 +31,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 from django.db import connections
 from django.db.models import QuerySet
 
 from trading.models import Deployment, EquitySnapshot, MarketStream, Order, OrderStatus, Signal
-from trading.rows import execute, from_db
+from trading.rows import adapt_datetime, execute, from_db
 
 from .engine import Metrics
 
@@ -114,11 +115,10 @@ _HAS_LATENCY = "(o.latency_ms IS NOT NULL OR o.acked_at IS NOT NULL)"
 
 
 def _params(connection: Any, window: Window) -> list[Any]:
-    ops = connection.ops
     return [
         window.deployment_id,
-        ops.adapt_datetimefield_value(window.since),
-        ops.adapt_datetimefield_value(window.now),
+        adapt_datetime(connection, window.since),
+        adapt_datetime(connection, window.now),
         FLATTEN,
     ]
 
@@ -279,21 +279,19 @@ ORDER BY ts, id
 """
 
 
+_DRAWDOWN_MARKS = _DRAWDOWN_MARKS_SQL.format(table=EquitySnapshot._meta.db_table)
+
+
 def _drawdown_params(window: Window, since: Any, now: Any) -> list[Any]:
     return [window.deployment_id, now, window.deployment_id, since, since]
 
 
 def _drawdown_of_marks(cursor: Any, connection: Any, window: Window) -> float | None:
     """``_DRAWDOWN_SQL``'s value from the window's marks in (ts, id) order."""
-    ops = connection.ops
-    since = ops.adapt_datetimefield_value(window.since)
-    now = ops.adapt_datetimefield_value(window.now)
-    execute(
-        cursor,
-        _DRAWDOWN_MARKS_SQL.format(table=EquitySnapshot._meta.db_table),
-        _drawdown_params(window, since, now),
-    )
-    return drawdown_ratio(equity for (equity,) in cursor.fetchall())
+    since = adapt_datetime(connection, window.since)
+    now = adapt_datetime(connection, window.now)
+    execute(cursor, _DRAWDOWN_MARKS, _drawdown_params(window, since, now))
+    return drawdown_ratio(map(itemgetter(0), cursor.fetchall()))
 
 
 def drawdown_ratio(marks: Any) -> float | None:
