@@ -130,16 +130,20 @@ def prep_save(field: Field, value: Any, connection: Any) -> Any:
 
 
 def _utc_datetime(value: Any, expression: Any, connection: Any) -> Any:
-    """Django's SQLite ``convert_datetimefield_value``; its common case (a text without an
-    offset read on a connection whose time zone is UTC: ``fromisoformat``, then the UTC
-    tzinfo) without its checks: the same value."""
-    if type(value) is str and connection.timezone is UTC:
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            pass
-        else:
-            return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    """Django's SQLite ``convert_datetimefield_value``; its common cases on a connection
+    whose time zone is UTC without its checks (the same value): a naive datetime (what
+    the sqlite3 module's converter for a ``datetime`` column makes of its text) gets the
+    UTC tzinfo; a text (an expression's value) is read with ``fromisoformat`` first."""
+    if value is None:
+        return None
+    if connection.timezone is UTC:
+        if type(value) is str:
+            try:
+                value = datetime.fromisoformat(value)
+            except ValueError:
+                return connection.ops.convert_datetimefield_value(value, expression, connection)
+        if type(value) is datetime and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
     return connection.ops.convert_datetimefield_value(value, expression, connection)
 
 
