@@ -358,6 +358,10 @@ class BulkInsert:
         # their times).
         self.once = [f.get_internal_type() == "DateTimeField" for f in self.fields]
         self.on_conflict = OnConflict.IGNORE if ignore_conflicts else None
+        # ``_prepare_related_fields_for_save`` acts only on the related objects cached on
+        # an instance (and on generic foreign keys, private fields): without any, it is
+        # not called.
+        self.private = bool(model._meta.private_fields)
         self._sql: dict[tuple[str, str, int], str] = {}
 
     def _statement(self, connection: Any, rows: int, full: int, returning: bool) -> str:
@@ -397,7 +401,8 @@ class BulkInsert:
                 chunk = objs[start : start + batch]
                 params = []
                 for obj in chunk:
-                    obj._prepare_related_fields_for_save(operation_name="bulk_create")
+                    if self.private or obj._state.fields_cache:
+                        obj._prepare_related_fields_for_save(operation_name="bulk_create")
                     for i, (f, plain, attname, once) in enumerate(columns):
                         value = getattr(obj, attname) if attname else f.pre_save(obj, True)
                         if value is None or type(value) is not plain:

@@ -77,3 +77,24 @@ def test_inserted_rows_are_bulk_creates():
     read = list(EquitySnapshot.objects.filter(deployment=dep).order_by("id"))
     assert [values(s) for s in read] == [values(s) for s in snaps]
     assert [s.pk for s in read] == [s.pk for s in snaps]
+
+
+def test_related_objects_are_checked_as_bulk_create_checks_them():
+    dep = make_deployment()
+    (early,), (unsaved,) = candles(ETH, 1, start=20), candles(ETH, 1, start=21)
+
+    def signal(candle):
+        return Signal(
+            deployment=dep, candle=candle, symbol=ETH, side="buy", entry=1.0, stop=0.9,
+            target=1.2, reward_risk=2.0, score=3, factors={}, ts_ms=candle.open_time_ms,
+            created_at=T,
+        )  # fmt: skip
+
+    made_before = signal(early)  # the candle saved after it was assigned: its id is taken
+    strategy._CANDLES.insert([early])
+    strategy._SIGNALS.insert([made_before])
+    assert Signal.objects.get(deployment=dep).candle_id == early.pk
+    with pytest.raises(ValueError, match="unsaved related object 'candle'"):
+        strategy._SIGNALS.insert([signal(unsaved)])
+    with pytest.raises(ValueError, match="unsaved related object 'candle'"):
+        Signal.objects.bulk_create([signal(unsaved)])
