@@ -695,27 +695,14 @@ def streams_process(
     return alerts, failed
 
 
-def stream_process(
-    *, exchange: str, symbol: str, timeframe: str, rules: list[selectors.RuleSpec] | None = None
-) -> list[Alert]:
-    """One stream's pending candles (streams_process); its failure is raised."""
-    alerts, failed = streams_process([(exchange, symbol, timeframe)], rules)
+def candles_process(*, candle_ids: Iterable[int]) -> list[Alert]:
+    """Process the streams of these candles (streams_process), each in open-time order (a
+    stream whose candles an earlier run took with its backlog is skipped); the first
+    stream's failure is raised once the others are processed."""
+    alerts, failed = streams_process(_unprocessed_streams(list(candle_ids)))
     if failed is not None:
         raise failed
     return alerts
-
-
-def candles_process(*, candle_ids: Iterable[int]) -> list[Alert]:
-    """Process the streams of these candles, each in open-time order (a stream whose
-    candles an earlier run took with its backlog is skipped)."""
-    alerts: list[Alert] = []
-    for exchange, symbol, timeframe in _unprocessed_streams(list(candle_ids)):
-        alerts += stream_process(exchange=exchange, symbol=symbol, timeframe=timeframe)
-    return alerts
-
-
-def candle_process(*, candle_id: int) -> list[Alert]:
-    return candles_process(candle_ids=[candle_id])
 
 
 # --------------------------------------------------------------------------- queueing
