@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from itertools import count
 from typing import Any
 
-from django.db import connection as default_connection
 from django.db import transaction
 from django.db.models import DateField, DateTimeField, Field
 from django.db.models.constants import OnConflict
@@ -73,7 +72,7 @@ def client_binding_cursor(connection: Any) -> Any:
 def fetchall_prepared(sql: str, params: Sequence[Any]) -> list[tuple]:
     """The rows of ``sql`` on the default database, prepared on its connection on
     PostgreSQL (``prepared_cursor``): for statements run on every order."""
-    with prepared_cursor(default_connection) as cursor:
+    with prepared_cursor(transaction.get_connection()) as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
 
@@ -290,16 +289,17 @@ def insert_row(obj: Any) -> Any:
     primary key and returns it."""
     rows = rows_of(type(obj))
     values = {f.attname: f.pre_save(obj, True) for f in rows.fields if not f.primary_key}
-    obj.pk = rows.insert(default_connection, values)
+    connection = transaction.get_connection()  # not the proxy: one lookup
+    obj.pk = rows.insert(connection, values)
     obj._state.adding = False
-    obj._state.db = default_connection.alias
+    obj._state.db = connection.alias
     return obj
 
 
 def update_rows(model: type, where: dict[str, Any], values: dict[str, Any]) -> int:
     """``model.objects.filter(**where).update(**values)`` for equality (or ``None``: IS NULL)
     conditions on field names; the number of rows updated."""
-    return rows_of(model).update_where(default_connection, where, values)
+    return rows_of(model).update_where(transaction.get_connection(), where, values)
 
 
 _PLAIN_TYPES = {
