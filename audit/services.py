@@ -167,64 +167,41 @@ def audit_record(
     return event
 
 
-# SQLite (one writer at a time: the head needs no row lock): the head advanced and the
-# event hashed with the seq it assigns by one statement (``SHA256``: the function Django
-# registers on its SQLite connections, ``hashlib.sha256`` of the text), as on PostgreSQL,
-# then the event inserted; named parameters (Django turns them into SQLite's with one
-# ``%`` formatting, not a regular expression over the statement).
-_SQLITE_ADVANCE_SQL = f"""
-UPDATE {AuditChainHead._meta.db_table}
-SET prev_hash = hash, seq = seq + 1, hash = SHA256(hash || %(before)s || (seq + 1) || %(after)s)
-WHERE id = 1
-RETURNING seq, prev_hash, hash
-"""
+# SQLite (one writer at a time: the head needs no row lock): the head read, the event
+# inserted and the head advanced by three fixed statements; the hash computed here.
+_SQLITE_HEAD_SQL = f"SELECT seq, hash FROM {AuditChainHead._meta.db_table} WHERE id = 1"
 _SQLITE_INSERT_SQL = f"""
 INSERT INTO {AuditEvent._meta.db_table}
     (seq, created_at, actor_user_id, actor, action, target_type, target_id, payload,
      ip, user_agent, prev_hash, hash)
-VALUES (%(seq)s, %(created_at)s, %(actor_user_id)s, %(actor)s, %(action)s, %(target_type)s,
-    %(target_id)s, %(payload)s, %(ip)s, %(user_agent)s, %(prev_hash)s, %(hash)s) RETURNING id
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id
 """
-_PAYLOAD = AuditEvent._meta.get_field("payload")
+_SQLITE_ADVANCE_SQL = (
+    f"UPDATE {AuditChainHead._meta.db_table} SET seq = %s, prev_hash = %s, hash = %s WHERE id = 1"
+)
 
 
 def _append_sqlite(connection: Any, event: AuditEvent) -> bool:
     """Append ``event`` (seq and hashes filled in); False when there is no head row yet."""
-    before, after = canonical_around_seq(
-        created_at=event.created_at,
-        actor=event.actor,
-        actor_user_id=event.actor_user_id,
-        action=event.action,
-        target_type=event.target_type,
-        target_id=event.target_id,
-        payload=event.payload,
-        ip=event.ip,
-        user_agent=event.user_agent,
-    )
     with connection.cursor() as cursor:
-        cursor.execute(_SQLITE_ADVANCE_SQL, {"before": before, "after": after})
+        cursor.execute(_SQLITE_HEAD_SQL)
         head = cursor.fetchone()
         if head is None:
             return False
-        event.seq, event.prev_hash, event.hash = head
+        event.seq, event.prev_hash = head[0] + 1, head[1]
+        event.hash = event_hash(event)
+        payload = AuditEvent._meta.get_field("payload").get_db_prep_save(event.payload, connection)
+        created_at = connection.ops.adapt_datetimefield_value(event.created_at)
         cursor.execute(
             _SQLITE_INSERT_SQL,
-            {
-                "seq": event.seq,
-                "created_at": connection.ops.adapt_datetimefield_value(event.created_at),
-                "actor_user_id": event.actor_user_id,
-                "actor": event.actor,
-                "action": event.action,
-                "target_type": event.target_type,
-                "target_id": event.target_id,
-                "payload": _PAYLOAD.get_db_prep_save(event.payload, connection),
-                "ip": event.ip,
-                "user_agent": event.user_agent,
-                "prev_hash": event.prev_hash,
-                "hash": event.hash,
-            },
-        )
+            [
+                event.seq, created_at, event.actor_user_id, event.actor, event.action,
+                event.target_type, event.target_id, payload, event.ip, event.user_agent,
+                event.prev_hash, event.hash,
+            ],
+        )  # fmt: skip
         (event.pk,) = cursor.fetchone()
+        cursor.execute(_SQLITE_ADVANCE_SQL, [event.seq, event.prev_hash, event.hash])
     event._state.adding = False
     event._state.db = connection.alias
     return True
