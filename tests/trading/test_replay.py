@@ -50,8 +50,15 @@ def _yes_lock(deployment_id: int):
     yield True
 
 
+def _no_alert_processing():
+    """The alert detectors skipped: nothing queued for them (patching the task's delay
+    instead would leave the run's flag taken in Redis, holding off the next tests' runs
+    until it expires)."""
+    return mock.patch("alerts.services.candles_queue")
+
+
 def replay(*files: Path, **options) -> None:
-    with mock.patch("alerts.tasks.process_candles.delay"):
+    with _no_alert_processing():
         call_command("replay_csv", *map(str, files), batch=1000, pace=0, **options)
 
 
@@ -142,7 +149,7 @@ def test_demo_replay_creates_the_demo_deployment_and_trades(monkeypatch):
     monkeypatch.setattr(killswitch, "write_redis", lambda pk, state: flags.__setitem__(pk, state))
     monkeypatch.setattr("trading.execution.read_killswitch", lambda pk: flags[pk])
     monkeypatch.setattr("trading.strategy.deployment_lock", _yes_lock)
-    with mock.patch("alerts.tasks.process_candles.delay"):
+    with _no_alert_processing():
         call_command("replay_csv", demo=True, pace=0, limit=400)
     demo = Deployment.objects.get()
     assert (demo.exchange, demo.allocation, demo.kill_switch) == ("paper", 0.10, "ACTIVE")
