@@ -172,3 +172,26 @@ def test_async_code_called_from_a_request_runs_on_the_servers_event_loop():
     finally:
         signals.request_started.disconnect(started)
     assert ran_in == [threading.current_thread()]  # the thread running the test's loop
+
+
+def test_the_web_process_collector_is_tuned_once_built_unless_told_not_to(settings):
+    """WEB_GC_GEN0: what exists once the application is built is frozen out of the
+    collections and young collections are spaced out; 0 leaves the collector alone (as in
+    this suite's own process)."""
+    import gc
+
+    from config.asgi import tune_gc
+
+    assert settings.WEB_GC_GEN0 == 0
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    try:
+        assert tune_gc(0) is False
+        assert gc.get_threshold() == threshold and gc.get_freeze_count() == frozen
+        marker = [object()]  # a container the collector tracks, made before the tuning
+        assert tune_gc(25_000) is True
+        assert gc.get_threshold() == (25_000, *threshold[1:])
+        assert gc.get_freeze_count() > frozen
+        assert not any(ref is marker for ref in gc.get_objects())  # frozen: not in a generation
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
