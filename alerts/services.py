@@ -514,10 +514,6 @@ def _mark_processed(candle_ids: list[int], now: datetime) -> None:
         )
 
 
-def _stream_lock_key(stream: Stream) -> int:
-    return zlib.crc32("alerts:{}:{}:{}".format(*stream).encode())
-
-
 def _lock_streams(streams: list[Stream]) -> None:
     """Serialise the processing of these streams: a PostgreSQL advisory lock each, for the
     transaction, taken in one statement in the order of their keys (so that two runs
@@ -525,7 +521,7 @@ def _lock_streams(streams: list[Stream]) -> None:
     transactions already serialise writers."""
     if connection.vendor != "postgresql" or not streams:
         return
-    keys = sorted({_stream_lock_key(s) for s in streams})
+    keys = sorted({zlib.crc32("alerts:{}:{}:{}".format(*s).encode()) for s in streams})
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(pg_advisory_xact_lock(k))"
@@ -534,12 +530,17 @@ def _lock_streams(streams: list[Stream]) -> None:
         )
 
 
+def _stream_dict(stream: Stream) -> dict[str, str]:
+    return dict(zip(STREAM_FIELDS, stream, strict=True))
+
+
 def _stream_arrays(streams: list[Stream]) -> list[list[str]]:
     """The streams as three arrays (exchanges, symbols, timeframes) for unnest()."""
     return [[s[i] for s in streams] for i in range(3)]
 
 
 _CANDLE_TABLE = Candle._meta.db_table
+_SAME_STREAM = "c.exchange = s.exchange AND c.symbol = s.symbol AND c.timeframe = s.timeframe"
 _PENDING_MANY_SQL = (
     f"SELECT p.exchange, p.symbol, p.timeframe, p.id, {', '.join(f'p.{f}' for f in PURE_FIELDS)},"
     " p.close_time_ms, p.ingested_at,"
@@ -548,7 +549,7 @@ _PENDING_MANY_SQL = (
     "  PARTITION BY c.exchange, c.symbol, c.timeframe ORDER BY c.open_time_ms) AS n"
     f"  FROM {_CANDLE_TABLE} c"
     "  JOIN unnest(%s::varchar[], %s::varchar[], %s::varchar[]) AS s(exchange, symbol, timeframe)"
-    "  ON c.exchange = s.exchange AND c.symbol = s.symbol AND c.timeframe = s.timeframe"
+    f"  ON {_SAME_STREAM}"
     "  WHERE c.processed_at IS NULL AND NOT c.late) AS p"
     " WHERE p.n <= %s ORDER BY p.exchange, p.symbol, p.timeframe, p.open_time_ms"
 )
@@ -559,7 +560,7 @@ def _pending_many(streams: list[Stream]) -> dict[Stream, list[_Pending]]:
     if not streams:
         return {}
     if connection.vendor != "postgresql":
-        found = {s: _pending(dict(zip(STREAM_FIELDS, s, strict=True))) for s in streams}
+        found = {s: _pending(_stream_dict(s)) for s in streams}
         return {s: rows for s, rows in found.items() if rows}
     by_stream: dict[Stream, list[_Pending]] = defaultdict(list)
     with connection.cursor() as cursor:
@@ -571,7 +572,6 @@ def _pending_many(streams: list[Stream]) -> dict[Stream, list[_Pending]]:
 
 
 _HISTORY_COLUMNS = f"c.id, {', '.join(f'c.{f}' for f in PURE_FIELDS)}"
-_SAME_STREAM = "c.exchange = s.exchange AND c.symbol = s.symbol AND c.timeframe = s.timeframe"
 _HISTORY_MANY_SQL = (
     f"SELECT s.i, {', '.join(f'h.{f}' for f in ('id', *PURE_FIELDS))}"
     " FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[], %s::bigint[], %s::bigint[],"
@@ -596,7 +596,7 @@ def _histories(
         return {}
     if connection.vendor != "postgresql":
         return {
-            stream: _stream_candles(dict(zip(STREAM_FIELDS, stream, strict=True)), pending, back)
+            stream: _stream_candles(_stream_dict(stream), pending, back)
             for stream, pending, back in work
         }
     arrays = _stream_arrays([stream for stream, _, _ in work])
@@ -630,7 +630,7 @@ def _stream_alerts(
     if not detectors:
         return []
     by_name = {spec.detector: spec for spec in specs}
-    fields = dict(zip(STREAM_FIELDS, stream, strict=True))
+    fields = _stream_dict(stream)
     hits = _detect(history, pending, detectors)
     events = [
         _candle_event(fields, c, det, by_name[det.detector], timezone.now()) for c, det in hits
@@ -788,7 +788,7 @@ _PENDING_STREAMS = selectors.Prepared(
 )
 
 
-def pending_streams() -> list[tuple[str, str, str]]:
+def pending_streams() -> list[Stream]:
     """(exchange, symbol, timeframe) of every stream with unprocessed in-order candles, in
     order (a partial index holds just those candles)."""
     return [tuple(row) for row in _PENDING_STREAMS.rows()]
