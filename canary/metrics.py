@@ -199,7 +199,7 @@ def _aggregates(
     if connection.vendor in _DRAWDOWN_IN_PYTHON:
         drawdown = []
     heard = [timeframe, since, *symbols] if symbols else []
-    p95 = [] if connection.vendor == "postgresql" else _neighbours_params(params)
+    p95 = [] if connection.vendor == "postgresql" else [*params, P95]
     execute(cursor, sql, p95 + params + drawdown + heard + params)
     row = cursor.fetchone()
     return dict(zip(_AGGREGATE_KEYS, row, strict=True))
@@ -229,10 +229,6 @@ _NEIGHBOURS_WITH = (
     "WITH lat AS (SELECT {latency} AS v FROM {orders} o WHERE {where} AND {has}),"
     " lat_rank AS (SELECT CAST(%s * (COUNT(*) - 1) AS INTEGER) AS k FROM lat)"
 )
-
-
-def _neighbours_params(params: list[Any]) -> list[Any]:
-    return [*params, P95]
 
 
 def _interpolated_p95(n: int | None, low: float | None, high: float | None) -> float | None:
