@@ -622,13 +622,15 @@ def _stream_alerts(
     history: list[tuple[int, PureCandle]],
     specs: list[selectors.RuleSpec],
     detectors: list[Detector[Any, Any]],
-) -> list[Alert]:
-    """The stream's detections on its pending candles, recorded as alerts. Who gets what
-    (silences, recipients, presence) is read only when there are detections: most candles
-    have none. The writes are made in a savepoint, so that a failure undoes this stream's
-    alone."""
+) -> tuple[list[Alert], list[dict[str, Any]]]:
+    """The stream's detections on its pending candles, recorded as alerts, and their audit
+    records, left for the caller to write last (the audit chain's lock is then held only
+    until the pass's commit, not while the pass's other streams are processed). Who gets
+    what (silences, recipients, presence) is read only when there are detections: most
+    candles have none. The writes are made in a savepoint, so that a failure undoes this
+    stream's alone."""
     if not detectors:
-        return []
+        return [], []
     by_name = {spec.detector: spec for spec in specs}
     fields = _stream_dict(stream)
     hits = _detect(history, pending, detectors)
@@ -636,13 +638,14 @@ def _stream_alerts(
         _candle_event(fields, c, det, by_name[det.detector], timezone.now()) for c, det in hits
     ]
     if not events:
-        return []
+        return [], []
     with transaction.atomic():
         fan = _Fanout.load()
         alerts = _record_candle_alerts(events, fan, rerun=any(c.alerted for c in pending))
+        audits, fan.audits = fan.audits, []
         if alerts:
             _finish(fan)
-    return alerts
+    return alerts, audits
 
 
 def streams_process(
@@ -678,9 +681,10 @@ def streams_process(
             ]
         )
         done: list[int] = []
+        audits: list[dict[str, Any]] = []
         for stream, candles in pending.items():
             try:
-                alerts += _stream_alerts(
+                found, records = _stream_alerts(
                     stream, candles, histories.get(stream, []), specs[stream], detectors[stream]
                 )
             except DatabaseError:
@@ -689,9 +693,13 @@ def streams_process(
                 log.exception("stream %s:%s:%s not processed", *stream)
                 failed = failed or exc
                 continue
+            alerts += found
+            audits += records
             done += [c.pk for c in candles]
         if done:
             _mark_processed(done, timezone.now())
+        for record in audits:
+            audit_record(**record)
     return alerts, failed
 
 
