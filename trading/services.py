@@ -34,6 +34,9 @@ class IngestResult:
     created_ids: list[int] = field(default_factory=list)
     duplicates: int = 0
     late_ids: list[int] = field(default_factory=list)
+    # Whether a deployment with signals enabled trades the batch's timeframe, when the
+    # ingestion read it (PostgreSQL, a batch of one stream); None: read after the commit.
+    watched: bool | None = None
 
     @property
     def to_process(self) -> list[int]:
@@ -144,8 +147,57 @@ def _touch_stored_stream(
     return None if row is None else row[0]
 
 
-def _insert(cleaned: list[dict], *, source: str, actor: Any, request: Any) -> IngestResult:
+_NEWER_STREAM_SQL = f"""
+WITH o AS (
+    SELECT id, last_open_time_ms FROM {MarketStream._meta.db_table}
+    WHERE {_STREAM_WHERE} FOR UPDATE
+), u AS (
+    UPDATE {MarketStream._meta.db_table} AS s
+    SET last_open_time_ms = GREATEST(o.last_open_time_ms, %s), last_received_at = %s,
+        candles_received = s.candles_received + %s
+    FROM o WHERE s.id = o.id AND o.last_open_time_ms < %s
+    RETURNING s.id
+)
+SELECT EXISTS (SELECT 1 FROM u), EXISTS (
+    SELECT 1 FROM {Deployment._meta.db_table} WHERE signals_enabled AND timeframe = %s
+) FROM o
+"""
+
+
+def _touch_if_newer(cleaned: list[dict], now: datetime) -> tuple[bool, bool] | None:
+    """PostgreSQL, a batch of one stream whose freshness row exists: lock that row and, when
+    every candle of the batch opens after the stream's last one (a feed posting its next
+    candles: none can be stored yet, and none is late), count them and advance the row, in
+    one statement with the read of whether a deployment with signals enabled trades the
+    timeframe. Returns (advanced, watched); None elsewhere. Not advanced: the caller reads
+    the stored candles and updates the row as for any batch. A candle stored without its
+    stream row being advanced (by the admin) makes the insert fail: the caller then goes
+    the way of any batch."""
+    streams = {candle_key(item)[:3] for item in cleaned}
+    if connection.vendor != "postgresql" or len(streams) != 1:
+        return None
+    (stream,) = streams
+    times = [item["open_time_ms"] for item in cleaned]
+    received_at = connection.ops.adapt_datetimefield_value(now)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _NEWER_STREAM_SQL,
+            [*stream, max(times), received_at, len(times), min(times), stream[2]],
+        )
+        row = cursor.fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def _insert(
+    cleaned: list[dict], *, source: str, actor: Any, request: Any, fast: bool = True
+) -> IngestResult:
+    """``fast``: try ``_touch_if_newer`` first (not on a retry after an integrity error)."""
     now = timezone.now()
+    touched = _touch_if_newer(cleaned, now) if fast else None
+    if touched is not None and touched[0]:
+        new = [Candle(**item, source=source, ingested_at=now) for item in cleaned]
+        insert_rows(new)
+        return _ingested(cleaned, new, set(), touched[1], source, actor, request)
     existing = _existing(cleaned)
     conflicts, fresh = [], []
     for index, item in enumerate(cleaned):
@@ -170,10 +222,25 @@ def _insert(cleaned: list[dict], *, source: str, actor: Any, request: Any) -> In
     for pos in late_positions:
         new[pos].late = True
     insert_rows(new)
+    watched = None if touched is None else touched[1]
+    return _ingested(cleaned, new, late_positions, watched, source, actor, request)
+
+
+def _ingested(
+    cleaned: list[dict],
+    new: list[Candle],
+    late_positions: set[int],
+    watched: bool | None,
+    source: str,
+    actor: Any,
+    request: Any,
+) -> IngestResult:
+    """The result of storing ``new`` (of ``cleaned``), recorded in the audit trail."""
     result = IngestResult(
         created_ids=[c.pk for c in new],
         duplicates=len(cleaned) - len(new),
         late_ids=[new[p].pk for p in late_positions],
+        watched=watched,
     )
     audit_record(
         action="candles.ingest",
@@ -199,17 +266,21 @@ _WATCHED_TIMEFRAMES = Prepared(
 )
 
 
-def _queue_strategy(candle_ids: list[int], timeframes: set[str]) -> None:
+def _queue_strategy(
+    candle_ids: list[int], timeframes: set[str], watched: bool | None = None
+) -> None:
     """Queue the strategy step of these candles when a deployment with signals enabled
     trades one of their timeframes: for the others the step finds no deployment watching
-    (strategy.watchers) and does nothing, so its worker round trip is skipped. Read after
-    the commit, when the step would have been queued; when the read fails, queued anyway."""
+    (strategy.watchers) and does nothing, so its worker round trip is skipped. ``watched``:
+    as the ingestion's transaction read it; None: read after the commit, when the step
+    would have been queued; when the read fails, queued anyway."""
     from .tasks import process_candles_strategy
 
-    try:
-        watched = any(tf in timeframes for (tf,) in _WATCHED_TIMEFRAMES.rows())
-    except DatabaseError:
-        watched = True
+    if watched is None:
+        try:
+            watched = any(tf in timeframes for (tf,) in _WATCHED_TIMEFRAMES.rows())
+        except DatabaseError:
+            watched = True
     if watched:
         process_candles_strategy.delay(candle_ids)
 
@@ -231,14 +302,16 @@ def candles_ingest(
     for attempt in range(2):
         try:
             with transaction.atomic():
-                result = _insert(cleaned, source=source, actor=actor, request=request)
+                result = _insert(
+                    cleaned, source=source, actor=actor, request=request, fast=not attempt
+                )
                 if result.to_process:
                     from alerts.services import candles_queue
 
                     ids = result.to_process
                     timeframes = {item["timeframe"] for item in cleaned}
                     transaction.on_commit(partial(candles_queue, ids))
-                    transaction.on_commit(partial(_queue_strategy, ids, timeframes))
+                    transaction.on_commit(partial(_queue_strategy, ids, timeframes, result.watched))
             return result
         except CandleConflict as conflict:
             audit_record(
@@ -250,7 +323,8 @@ def candles_ingest(
             )
             raise
         except IntegrityError:
-            # A concurrent writer stored some of these keys first: re-read and classify.
+            # A concurrent writer (or the admin, without advancing the stream's row) stored
+            # some of these keys first: re-read and classify.
             if attempt:
                 raise
     raise AssertionError("unreachable")

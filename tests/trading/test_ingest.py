@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from audit.models import AuditEvent
@@ -334,3 +335,70 @@ def test_answers_json_whatever_the_accept_header_and_parses_by_content_type(clie
     assert refused.status_code == 415
     assert refused["Content-Type"] == "application/json"
     assert Candle.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_a_candle_stored_without_its_stream_advanced_is_classified_as_any_other(client):
+    """A feed's next candle skips the read of the stored ones (on PostgreSQL) only while
+    its stream's row says none can be stored yet; a candle stored behind that row's back
+    (by the admin) is still found: a duplicate when identical, a conflict otherwise."""
+    later = 1515560400000
+    assert post(client, [candle()]).status_code == 201
+    Candle.objects.create(
+        **candle(open_time_ms=later), close_time_ms=later + 299_999, ingested_at=timezone.now()
+    )
+    response = post(client, [candle(open_time_ms=later)])
+    assert response.status_code == 200, response.json()
+    assert (response.json()["created"], response.json()["duplicates"]) == (0, 1)
+    response = post(client, [candle(open_time_ms=later, volume=1.0)])
+    assert response.status_code == 409
+    assert response.json()["conflicts"][0]["stored"]["volume"] == 1820.54
+    assert Candle.objects.count() == 2
+    stream = MarketStream.objects.get()
+    assert (stream.last_open_time_ms, stream.candles_received) == (1515560100000, 1)
+    response = post(client, [candle(open_time_ms=later + 300_000)])
+    assert response.json()["created"] == 1
+    stream.refresh_from_db()
+    assert (stream.last_open_time_ms, stream.candles_received) == (later + 300_000, 2)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("deployment", "queued"),
+    [
+        (None, False),
+        ({"timeframe": "1h"}, False),
+        ({"timeframe": "5m", "signals_enabled": False}, False),
+        ({"timeframe": "5m"}, True),
+    ],
+)
+def test_a_streams_next_candles_are_queued_for_the_strategy_as_the_first(
+    client, monkeypatch, deployment, queued
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from trading.models import Deployment
+    from trading.tasks import process_candles_strategy
+
+    if deployment is not None:
+        Deployment.objects.create(
+            name="d", exchange="paper", symbols=["LTC/BTC"], full_order_notional=0.1, **deployment
+        )
+    from alerts import services as alert_services
+
+    sent = []
+    monkeypatch.setattr(process_candles_strategy, "delay", lambda ids: sent.append(ids))
+    monkeypatch.setattr(alert_services, "candles_queue", lambda ids: None)
+    assert post(client, [candle()]).status_code == 201
+    with CaptureQueriesContext(connection) as queries:
+        response = post(
+            client, [candle(open_time_ms=1515560400000), candle(open_time_ms=1515560700000)]
+        )
+    assert response.status_code == 201
+    assert sent[1:] == ([response.json()["ids"]] if queued else [])
+    if connection.vendor == "postgresql":  # the stored candles and the watchers not read
+        reads = [q["sql"] for q in queries if q["sql"].lstrip().upper().startswith("SELECT")]
+        assert not [
+            sql for sql in reads if 'FROM "trading_candle"' in sql or "trading_deployment" in sql
+        ], reads
