@@ -219,29 +219,57 @@ audit_head AS (
     UPDATE {AuditChainHead._meta.db_table}
     SET prev_hash = hash,
         seq = seq + 1,
-        hash = encode(sha256(convert_to(hash || %s || (seq + 1)::text || %s, 'UTF8')), 'hex')
+        hash = encode(sha256(convert_to(hash || {{canonical}}, 'UTF8')), 'hex')
     WHERE id = 1 AND {{when}}
     RETURNING seq, prev_hash, hash
 ), audit_event AS (
     INSERT INTO {AuditEvent._meta.db_table}
         (seq, created_at, actor_user_id, actor, action, target_type, target_id, payload,
          ip, user_agent, prev_hash, hash)
-    SELECT h.seq, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::inet, %s, h.prev_hash, h.hash
+    SELECT h.seq, %s, %s, %s, %s, %s, %s, ({{payload}})::jsonb, %s::inet, %s, h.prev_hash, h.hash
     FROM audit_head h
     RETURNING id, seq, prev_hash, hash
 )"""
+_PG_CANONICAL = "%s || (seq + 1)::text || %s"
 _PG_APPEND_SQL = (
-    f"WITH {_PG_APPEND_CTES.format(when='TRUE')} SELECT id, seq, prev_hash, hash FROM audit_event"
+    f"WITH {_PG_APPEND_CTES.format(when='TRUE', canonical=_PG_CANONICAL, payload='%s')}"
+    " SELECT id, seq, prev_hash, hash FROM audit_event"
 )
 AUDIT_HEAD_EXISTS = f"EXISTS (SELECT 1 FROM {AuditChainHead._meta.db_table} WHERE id = 1)"
 
 
-def audit_append_ctes(event: AuditEvent, *, when: str) -> tuple[str, list[Any]]:
+def _filled_in(text: str, filled: dict[str, str]) -> tuple[str, list[str]]:
+    """``text`` (JSON holding each ``filled`` member's placeholder) as an SQL expression:
+    its pieces as parameters, the placeholders replaced by their SQL expressions' text."""
+    marks = sorted((text.index(json.dumps(_placeholder(k))), k) for k in filled)
+    sql, pieces, start = [], [], 0
+    for at, key in marks:
+        pieces.append(text[start:at])
+        sql += ["%s", f"({filled[key]})::text"]
+        start = at + len(json.dumps(_placeholder(key)))
+    pieces.append(text[start:])
+    return " || ".join([*sql, "%s"]), pieces
+
+
+def _placeholder(member: str) -> str:
+    return f"\x00audit:{member}\x00"
+
+
+def audit_append_ctes(
+    event: AuditEvent, *, when: str, filled: dict[str, str] | None = None
+) -> tuple[str, list[Any]]:
     """PostgreSQL: the CTEs ``audit_head`` and ``audit_event`` that append ``event`` when
     the SQL condition ``when`` holds, and their parameters, for a caller to run in the
     statement that makes the change they record; ``audit_event`` returns (id, seq,
     prev_hash, hash) for ``audit_appended``. Nothing is appended without a head row:
-    callers condition their change on ``AUDIT_HEAD_EXISTS`` too."""
+    callers condition their change on ``AUDIT_HEAD_EXISTS`` too.
+
+    ``filled``: top-level payload members whose values the statement makes (the ids of
+    the rows it inserts), member -> SQL expression of a number; the event's payload holds
+    what the statement makes instead of what the event's payload holds for them. The
+    caller then sets them in ``event.payload`` from what the statement returns."""
+    if filled:
+        event.payload = {**event.payload, **{k: _placeholder(k) for k in filled}}
     before, after = canonical_around_seq(
         created_at=event.created_at,
         actor=event.actor,
@@ -254,11 +282,17 @@ def audit_append_ctes(event: AuditEvent, *, when: str) -> tuple[str, list[Any]]:
         user_agent=event.user_agent,
     )
     payload = json.dumps(event.payload, cls=DjangoJSONEncoder)
+    canonical, before_pieces = _filled_in(before, filled or {})
+    payload_sql, payload_pieces = _filled_in(payload, filled or {})
     params = [
-        before, after, event.created_at, event.actor_user_id, event.actor, event.action,
-        event.target_type, event.target_id, payload, event.ip, event.user_agent,
+        *before_pieces, after, event.created_at, event.actor_user_id, event.actor,
+        event.action, event.target_type, event.target_id, *payload_pieces, event.ip,
+        event.user_agent,
     ]  # fmt: skip
-    return _PG_APPEND_CTES.format(when=when), params
+    sql = _PG_APPEND_CTES.format(
+        when=when, canonical=f"{canonical} || (seq + 1)::text || %s", payload=payload_sql
+    )
+    return sql, params
 
 
 def audit_appended(event: AuditEvent, row: Any, alias: str = "default") -> AuditEvent:

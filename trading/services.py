@@ -1,5 +1,6 @@
 """Writes of the trading app. Each service is one transaction and audits what it writes."""
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -14,7 +15,7 @@ from audit.services import audit_record
 
 from .candles import KEY_FIELDS, FieldError, candle_key, validate_batch
 from .models import Candle, Deployment, MarketStream
-from .rows import insert_rows
+from .rows import insert_rows, sql_once
 
 
 class CandleBatchInvalid(Exception):
@@ -147,57 +148,135 @@ def _touch_stored_stream(
     return None if row is None else row[0]
 
 
-_NEWER_STREAM_SQL = f"""
+# PostgreSQL, a feed posting its stream's next candles (the stream's row exists, and every
+# candle opens after its last one: none can be stored yet, none is late): in one
+# statement, lock the stream's row and advance it, store the candles, append the audit
+# record (its first and last ids made by the statement: ``audit_append_ctes``) and read
+# whether a deployment with signals enabled trades the timeframe. Nothing is written
+# unless the row holds that and the audit chain has its head row: the caller then takes
+# the general way. Run outside a transaction, the statement is its own: one round trip.
+_NEXT_CANDLES_SQL = """
 WITH o AS (
-    SELECT id, last_open_time_ms FROM {MarketStream._meta.db_table}
-    WHERE {_STREAM_WHERE} FOR UPDATE
+    SELECT id, last_open_time_ms FROM {stream} WHERE {where} FOR UPDATE
 ), u AS (
-    UPDATE {MarketStream._meta.db_table} AS s
+    UPDATE {stream} AS s
     SET last_open_time_ms = GREATEST(o.last_open_time_ms, %s), last_received_at = %s,
         candles_received = s.candles_received + %s
-    FROM o WHERE s.id = o.id AND o.last_open_time_ms < %s
+    FROM o WHERE s.id = o.id AND o.last_open_time_ms < %s AND {head_exists}
     RETURNING s.id
-)
-SELECT EXISTS (SELECT 1 FROM u), EXISTS (
-    SELECT 1 FROM {Deployment._meta.db_table} WHERE signals_enabled AND timeframe = %s
-) FROM o
+), c AS (
+    INSERT INTO {candle} ({columns})
+    SELECT {values}
+    FROM unnest({arrays}) WITH ORDINALITY AS t({names}, n)
+    WHERE EXISTS (SELECT 1 FROM u)
+    ORDER BY t.n
+    RETURNING id
+), {audit}
+SELECT EXISTS (SELECT 1 FROM u),
+       EXISTS (SELECT 1 FROM {deployment} WHERE signals_enabled AND timeframe = %s),
+       ARRAY(SELECT id FROM c ORDER BY id), e.id, e.seq, e.prev_hash, e.hash
+FROM o LEFT JOIN audit_event e ON TRUE
 """
+# The columns a batch's candles differ in (one array each); the others hold one value.
+_PER_CANDLE = ("open_time_ms", "close_time_ms", *Candle.VALUE_FIELDS)
+_AUDIT_IDS = {"first_id": "(SELECT min(id) FROM c)", "last_id": "(SELECT max(id) FROM c)"}
 
 
-def _touch_if_newer(cleaned: list[dict], now: datetime) -> tuple[bool, bool] | None:
-    """PostgreSQL, a batch of one stream whose freshness row exists: lock that row and, when
-    every candle of the batch opens after the stream's last one (a feed posting its next
-    candles: none can be stored yet, and none is late), count them and advance the row, in
-    one statement with the read of whether a deployment with signals enabled trades the
-    timeframe. Returns (advanced, watched); None elsewhere. Not advanced: the caller reads
-    the stored candles and updates the row as for any batch. A candle stored without its
-    stream row being advanced (by the admin) makes the insert fail: the caller then goes
-    the way of any batch."""
+def _next_candles_sql(audit_sql: str) -> str:
+    from audit.services import AUDIT_HEAD_EXISTS
+
+    fields = [f for f in Candle._meta.concrete_fields if not f.primary_key]
+    per_candle = [f for f in fields if f.attname in _PER_CANDLE]
+    qn = connection.ops.quote_name
+    return _NEXT_CANDLES_SQL.format(
+        stream=MarketStream._meta.db_table,
+        where=_STREAM_WHERE,
+        head_exists=AUDIT_HEAD_EXISTS,
+        candle=Candle._meta.db_table,
+        columns=", ".join(qn(f.column) for f in fields),
+        values=", ".join(
+            f"t.{qn(f.column)}" if f in per_candle else f"%s::{f.db_type(connection)}"
+            for f in fields
+        ),
+        arrays=", ".join(f"%s::{f.db_type(connection)}[]" for f in per_candle),
+        names=", ".join(qn(f.column) for f in per_candle),
+        deployment=Deployment._meta.db_table,
+        audit=audit_sql,
+    )
+
+
+def _ingest_next(
+    cleaned: list[dict], *, source: str, actor: Any, request: Any
+) -> IngestResult | None:
+    """PostgreSQL, a batch of one stream: ``_NEXT_CANDLES_SQL``. The result, or None when
+    it wrote nothing (another vendor, several streams, a stream without its row yet, a
+    candle not newer than the stream's last one, no audit head row). A candle stored
+    without its stream's row being advanced (by the admin) makes it fail with an
+    IntegrityError, having written nothing."""
+    from audit.services import audit_append_ctes, audit_appended, audit_event
+
     streams = {candle_key(item)[:3] for item in cleaned}
     if connection.vendor != "postgresql" or len(streams) != 1:
         return None
     (stream,) = streams
-    times = [item["open_time_ms"] for item in cleaned]
-    received_at = connection.ops.adapt_datetimefield_value(now)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _NEWER_STREAM_SQL,
-            [*stream, max(times), received_at, len(times), min(times), stream[2]],
-        )
-        row = cursor.fetchone()
-    return None if row is None else (row[0], row[1])
-
-
-def _insert(
-    cleaned: list[dict], *, source: str, actor: Any, request: Any, fast: bool = True
-) -> IngestResult:
-    """``fast``: try ``_touch_if_newer`` first (not on a retry after an integrity error)."""
     now = timezone.now()
-    touched = _touch_if_newer(cleaned, now) if fast else None
-    if touched is not None and touched[0]:
-        new = [Candle(**item, source=source, ingested_at=now) for item in cleaned]
-        insert_rows(new)
-        return _ingested(cleaned, new, set(), touched[1], source, actor, request)
+    new = [Candle(**item, source=source, ingested_at=now) for item in cleaned]
+    event = audit_event(
+        action="candles.ingest",
+        actor=actor,
+        target_type="trading.Candle",
+        payload=_ingest_payload(source, len(cleaned), new, 0),
+        request=request,
+    )
+    audit_sql, audit_params = audit_append_ctes(
+        event, when="EXISTS (SELECT 1 FROM c)", filled=_AUDIT_IDS
+    )
+    sql = sql_once(connection, ("ingest_next", audit_sql), lambda: _next_candles_sql(audit_sql))
+    fields = [f for f in Candle._meta.concrete_fields if not f.primary_key]
+    first = new[0]
+    times = [item["open_time_ms"] for item in cleaned]
+    params = [
+        *stream,
+        max(times), connection.ops.adapt_datetimefield_value(now), len(new), min(times),
+        *(
+            f.get_db_prep_save(getattr(first, f.attname), connection)
+            for f in fields
+            if f.attname not in _PER_CANDLE
+        ),
+        *([getattr(c, f.attname) for c in new] for f in fields if f.attname in _PER_CANDLE),
+        *audit_params,
+        stream[2],
+    ]  # fmt: skip
+    savepoint = transaction.atomic() if connection.in_atomic_block else nullcontext()
+    with savepoint, connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None or not row[0]:
+        return None
+    _, watched, ids, *appended = row
+    for candle, pk in zip(new, ids, strict=True):
+        candle.pk = pk
+        candle._state.adding = False
+    event.payload.update(first_id=ids[0], last_id=ids[-1])
+    audit_appended(event, appended, connection.alias)
+    return IngestResult(created_ids=list(ids), watched=watched)
+
+
+def _ingest_payload(source: str, received: int, new: list[Candle], late: int) -> dict:
+    return {
+        "source": source,
+        "received": received,
+        "created": len(new),
+        "duplicates": received - len(new),
+        "late": late,
+        "streams": sorted({f"{c.exchange}:{c.symbol}:{c.timeframe}" for c in new}),
+        "first_id": new[0].pk if new else None,
+        "last_id": new[-1].pk if new else None,
+    }
+
+
+def _insert(cleaned: list[dict], *, source: str, actor: Any, request: Any) -> IngestResult:
+    now = timezone.now()
     existing = _existing(cleaned)
     conflicts, fresh = [], []
     for index, item in enumerate(cleaned):
@@ -222,40 +301,16 @@ def _insert(
     for pos in late_positions:
         new[pos].late = True
     insert_rows(new)
-    watched = None if touched is None else touched[1]
-    return _ingested(cleaned, new, late_positions, watched, source, actor, request)
-
-
-def _ingested(
-    cleaned: list[dict],
-    new: list[Candle],
-    late_positions: set[int],
-    watched: bool | None,
-    source: str,
-    actor: Any,
-    request: Any,
-) -> IngestResult:
-    """The result of storing ``new`` (of ``cleaned``), recorded in the audit trail."""
     result = IngestResult(
         created_ids=[c.pk for c in new],
         duplicates=len(cleaned) - len(new),
         late_ids=[new[p].pk for p in late_positions],
-        watched=watched,
     )
     audit_record(
         action="candles.ingest",
         actor=actor,
         target_type="trading.Candle",
-        payload={
-            "source": source,
-            "received": len(cleaned),
-            "created": len(new),
-            "duplicates": result.duplicates,
-            "late": len(late_positions),
-            "streams": sorted({f"{c.exchange}:{c.symbol}:{c.timeframe}" for c in new}),
-            "first_id": new[0].pk if new else None,
-            "last_id": new[-1].pk if new else None,
-        },
+        payload=_ingest_payload(source, len(cleaned), new, len(late_positions)),
         request=request,
     )
     return result
@@ -285,6 +340,18 @@ def _queue_strategy(
         process_candles_strategy.delay(candle_ids)
 
 
+def _queue_on_commit(result: IngestResult, cleaned: list[dict]) -> None:
+    """New, in-order candles queued for processing once the transaction commits (at
+    once outside one)."""
+    if result.to_process:
+        from alerts.services import candles_queue
+
+        ids = result.to_process
+        timeframes = {item["timeframe"] for item in cleaned}
+        transaction.on_commit(partial(candles_queue, ids))
+        transaction.on_commit(partial(_queue_strategy, ids, timeframes, result.watched))
+
+
 def candles_ingest(
     *, items: Any, actor: Any = None, source: str = "api", request: Any = None
 ) -> IngestResult:
@@ -299,19 +366,18 @@ def candles_ingest(
     )
     if errors:
         raise CandleBatchInvalid(errors)
+    try:
+        result = _ingest_next(cleaned, source=source, actor=actor, request=request)
+    except IntegrityError:
+        result = None
+    if result is not None:
+        _queue_on_commit(result, cleaned)
+        return result
     for attempt in range(2):
         try:
             with transaction.atomic():
-                result = _insert(
-                    cleaned, source=source, actor=actor, request=request, fast=not attempt
-                )
-                if result.to_process:
-                    from alerts.services import candles_queue
-
-                    ids = result.to_process
-                    timeframes = {item["timeframe"] for item in cleaned}
-                    transaction.on_commit(partial(candles_queue, ids))
-                    transaction.on_commit(partial(_queue_strategy, ids, timeframes, result.watched))
+                result = _insert(cleaned, source=source, actor=actor, request=request)
+                _queue_on_commit(result, cleaned)
             return result
         except CandleConflict as conflict:
             audit_record(

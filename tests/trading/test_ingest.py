@@ -402,3 +402,29 @@ def test_a_streams_next_candles_are_queued_for_the_strategy_as_the_first(
         assert not [
             sql for sql in reads if 'FROM "trading_candle"' in sql or "trading_deployment" in sql
         ], reads
+
+
+@pytest.mark.django_db
+def test_the_audit_record_of_a_streams_next_candles_names_their_ids_and_the_chain_holds(client):
+    from audit.services import audit_verify
+
+    assert post(client, [candle()]).status_code == 201
+    times = [1515560400000, 1515560700000, 1515561000000]
+    response = post(client, [candle(open_time_ms=t, volume=10.0 + i) for i, t in enumerate(times)])
+    assert response.status_code == 201
+    ids = response.json()["ids"]
+    assert (
+        list(
+            Candle.objects.filter(pk__in=ids).order_by("pk").values_list("open_time_ms", flat=True)
+        )
+        == times
+    )
+    assert Candle.objects.get(pk=ids[2]).volume == 12.0
+    event = AuditEvent.objects.filter(action="candles.ingest").latest("seq")
+    assert (event.payload["first_id"], event.payload["last_id"]) == (ids[0], ids[-1])
+    assert (event.payload["created"], event.payload["received"], event.payload["late"]) == (3, 3, 0)
+    assert event.actor == "ops"
+    assert audit_verify() is None
+    stream = MarketStream.objects.get()
+    assert (stream.last_open_time_ms, stream.candles_received) == (times[-1], 4)
+    assert not Candle.objects.filter(late=True).exists()
