@@ -179,20 +179,26 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id
 _SQLITE_ADVANCE_SQL = (
     f"UPDATE {AuditChainHead._meta.db_table} SET seq = %s, prev_hash = %s, hash = %s WHERE id = 1"
 )
+_PAYLOAD = AuditEvent._meta.get_field("payload")
 
 
 def _append_sqlite(connection: Any, event: AuditEvent) -> bool:
-    """Append ``event`` (seq and hashes filled in); False when there is no head row yet."""
+    """Append ``event`` (seq and hashes filled in); False when there is no head row yet.
+    The statements run through ``trading.rows.execute`` (SQLite's cursor without Django's
+    per-statement rewrite), the creation time adapted by ``trading.rows.adapt_datetime``."""
+    from trading.rows import adapt_datetime, execute
+
     with connection.cursor() as cursor:
-        cursor.execute(_SQLITE_HEAD_SQL)
+        execute(cursor, _SQLITE_HEAD_SQL, ())
         head = cursor.fetchone()
         if head is None:
             return False
         event.seq, event.prev_hash = head[0] + 1, head[1]
         event.hash = event_hash(event)
-        payload = AuditEvent._meta.get_field("payload").get_db_prep_save(event.payload, connection)
-        created_at = connection.ops.adapt_datetimefield_value(event.created_at)
-        cursor.execute(
+        payload = _PAYLOAD.get_db_prep_save(event.payload, connection)
+        created_at = adapt_datetime(connection, event.created_at)
+        execute(
+            cursor,
             _SQLITE_INSERT_SQL,
             [
                 event.seq, created_at, event.actor_user_id, event.actor, event.action,

@@ -8,38 +8,54 @@ none to these models)."""
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import count
 from typing import Any
 
+from django.apps import apps
 from django.db import transaction
+from django.db.backends.utils import CursorWrapper
 from django.db.models import DateField, DateTimeField, Field
 from django.db.models.constants import OnConflict
 
 _SQL: dict[tuple[Any, ...], str] = {}
 _FORMAT = re.compile(r"(?<!%)%s")  # Django's SQLite backend's, for "%s" placeholders
-_NAMED: dict[str, tuple[str, int]] = {}
+# statement -> (its qmark form, its named form, its number of placeholders)
+_QMARK: dict[str, tuple[str, str, int]] = {}
+_SQLITE_EXECUTE = sqlite3.Cursor.execute
 _NAMES = tuple(f"p{i}" for i in range(1000))  # never changed: threads share it
 
 
 def execute(cursor: Any, sql: str, params: Sequence[Any]) -> Any:
-    """``cursor.execute(sql, params)``; on SQLite with the ``%s`` placeholders named
-    (``%(p0)s``, ``%(p1)s``, ...; the statement named once) and the parameters passed by
-    name: Django's SQLite cursor turns ``%s`` into ``?`` with a regular expression over the
-    whole statement on every execution (tens of microseconds for a long one), and named
-    placeholders with one ``%`` formatting. The same statement, parameters and result."""
-    if cursor.db.vendor != "sqlite":
+    """``cursor.execute(sql, params)``. On SQLite, through a Django cursor with no execute
+    wrapper installed and no query log (``CursorWrapper`` itself), the statement runs on
+    the sqlite3 cursor with its ``%s`` placeholders turned into ``?`` once per statement,
+    after the checks Django's ``_execute`` makes and under its error translation: Django's
+    path (the wrappers' chain, then its SQLite cursor's rewrite of the statement with a
+    regular expression or a ``%`` formatting on every execution) costs more CPU than
+    SQLite's own work for the short statements run on every candle and monitor step.
+    Otherwise on SQLite (a query log, wrappers) the placeholders are named (``%(p0)s``,
+    ...; one ``%`` formatting instead of the regular expression) and Django's path is
+    taken. The same statement, parameters and result."""
+    db = cursor.db
+    if db.vendor != "sqlite":
         return cursor.execute(sql, params)
-    named = _NAMED.get(sql)
-    if named is None:
+    qmark = _QMARK.get(sql)
+    if qmark is None:
         counter = count()
-        named = _NAMED[sql] = (_FORMAT.sub(lambda _: f"%(p{next(counter)})s", sql), next(counter))
+        named = _FORMAT.sub(lambda _: f"%(p{next(counter)})s", sql)
+        qmark = _QMARK[sql] = (_FORMAT.sub("?", sql).replace("%%", "%"), named, next(counter))
     n = len(params)
-    if n != named[1]:  # as many parameters as placeholders, or the error Django raises
+    if n != qmark[2]:  # as many parameters as placeholders, or the error Django raises
         return cursor.execute(sql, params)
+    if type(cursor) is CursorWrapper and not db.execute_wrappers and apps.ready:
+        db.validate_no_broken_transaction()
+        with db.wrap_database_errors:
+            return _SQLITE_EXECUTE(cursor.cursor, qmark[0], params)
     names = _NAMES if n <= len(_NAMES) else [f"p{i}" for i in range(n)]
-    return cursor.execute(named[0], dict(zip(names, params, strict=False)))
+    return cursor.execute(qmark[1], dict(zip(names, params, strict=False)))
 
 
 def prepared_cursor(connection: Any) -> Any:

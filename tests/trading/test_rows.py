@@ -112,6 +112,43 @@ def test_execute_names_more_parameters_than_it_keeps_names_for():
         assert list(cursor.fetchone()) == params
 
 
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's execution path")
+def test_execute_on_sqlite_is_seen_logged_and_translated_as_djangos():
+    from django.db import IntegrityError, transaction
+    from django.db.transaction import TransactionManagementError
+    from django.test.utils import CaptureQueriesContext
+
+    dep = make_deployment()
+    Position.objects.create(deployment=dep, symbol=ETH, qty=0.5)
+    sql = "SELECT symbol, qty FROM trading_position WHERE deployment_id = %s AND qty > %s"
+    seen = []
+
+    def wrapper(execute, sql, params, many, context):
+        seen.append((sql, params))
+        return execute(sql, params, many, context)
+
+    with connection.cursor() as cursor:
+        rows.execute(cursor, sql, [dep.pk, 0.1])  # SQLite's cursor, no wrapper to see it
+        assert cursor.fetchall() == [(ETH, 0.5)] and seen == []
+        with connection.execute_wrapper(wrapper):
+            rows.execute(cursor, sql, [dep.pk, 0.1])
+            assert cursor.fetchall() == [(ETH, 0.5)]
+        assert len(seen) == 1 and list(seen[0][1].values()) == [dep.pk, 0.1]
+    with CaptureQueriesContext(connection) as log, connection.cursor() as cursor:
+        rows.execute(cursor, sql, [dep.pk, 1.0])
+        assert cursor.fetchall() == []
+    assert len(log.captured_queries) == 1 and "trading_position" in log[0]["sql"]
+    insert = "INSERT INTO trading_position (deployment_id, symbol, qty, avg_entry, realised_pnl,"
+    insert += " updated_at) VALUES (%s, %s, %s, 0, 0, %s)"
+    with transaction.atomic():
+        with pytest.raises(IntegrityError), transaction.atomic(), connection.cursor() as cursor:
+            rows.execute(cursor, insert, [dep.pk, ETH, 1.0, "2024-01-01 00:00:00"])
+        connection.needs_rollback = True  # as after an error caught without a savepoint
+        with pytest.raises(TransactionManagementError), connection.cursor() as cursor:
+            rows.execute(cursor, sql, [dep.pk, 0.1])
+        connection.needs_rollback = False
+
+
 DATETIMES = [
     datetime(2024, 1, 1, 12, 0, tzinfo=UTC),
     datetime(2024, 1, 1, 12, 0, 0, 1, tzinfo=UTC),
