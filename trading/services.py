@@ -243,7 +243,7 @@ def _ingest_next(
             for f in fields
             if f.attname not in _PER_CANDLE
         ),
-        *([getattr(c, f.attname) for c in new] for f in fields if f.attname in _PER_CANDLE),
+        *(_array_text([getattr(c, f.attname) for c in new]) for f in fields if f.attname in _PER_CANDLE),
         *audit_params,
         stream[2],
     ]  # fmt: skip
@@ -260,6 +260,13 @@ def _ingest_next(
     event.payload.update(first_id=ids[0], last_id=ids[-1])
     audit_appended(event, appended, connection.alias)
     return IngestResult(created_ids=list(ids), watched=watched)
+
+
+def _array_text(values: list[int | float]) -> str:
+    """An array of numbers as PostgreSQL's text form (a Python float's repr reads back as
+    the same double): one text parameter, which the driver passes on as it is, where a
+    list would be typed and converted element by element on every statement."""
+    return "{" + ",".join(map(repr, values)) + "}"
 
 
 def _ingest_payload(source: str, received: int, new: list[Candle], late: int) -> dict:
