@@ -207,7 +207,7 @@ def _append_sqlite(connection: Any, event: AuditEvent) -> bool:
             ],
         )  # fmt: skip
         (event.pk,) = cursor.fetchone()
-        cursor.execute(_SQLITE_ADVANCE_SQL, [event.seq, event.prev_hash, event.hash])
+        execute(cursor, _SQLITE_ADVANCE_SQL, [event.seq, event.prev_hash, event.hash])
     event._state.adding = False
     event._state.db = connection.alias
     return True

@@ -46,7 +46,7 @@ from django.db.models import Count, Max, Min
 
 from audit.roles import ensure_roles
 from trading.models import Candle, Deployment, EquitySnapshot, MarketStream, Order
-from trading.rows import adapt_datetime, execute, fetch_one, from_db, sql_once
+from trading.rows import NewRows, adapt_datetime, execute, fetch_one, from_db, sql_once
 from trading.timeframes import timeframe_ms
 
 from . import services
@@ -293,7 +293,10 @@ def _stream_heard(
 
 def _candle(item: dict[str, Any], clock: datetime) -> Candle:
     close_ms = item["open_time_ms"] + timeframe_ms(item["timeframe"]) - 1
-    return Candle(**item, close_time_ms=close_ms, source="replay", ingested_at=clock)
+    return _NEW_CANDLE(**item, close_time_ms=close_ms, source="replay", ingested_at=clock)
+
+
+_NEW_CANDLE = NewRows(Candle)
 
 
 def preflight(deployment: Deployment, actor: Any, clock: datetime) -> PreflightRun:

@@ -462,7 +462,7 @@ class Account:
         base = self.peak if self.peak is not None else self.deployment.starting_cash
         self.peak = max(base, equity)
         drawdown = (equity / self.peak - 1.0) * 100.0 if self.peak > 0 else 0.0
-        return EquitySnapshot(
+        return _NEW_SNAPSHOT(
             deployment_id=self.deployment.pk,
             ts=now,
             cash=self.cash,
@@ -497,6 +497,7 @@ class Account:
         self.candles, self.signals, self.snapshots, self.marks = [], [], [], {}
 
 
+_NEW_SNAPSHOT = rows.NewRows(EquitySnapshot)
 _CANDLES = rows.BulkInsert(Candle)
 _SIGNALS = rows.BulkInsert(Signal, ignore_conflicts=True)
 _SNAPSHOTS = rows.BulkInsert(EquitySnapshot)

@@ -149,6 +149,63 @@ def test_execute_on_sqlite_is_seen_logged_and_translated_as_djangos():
         connection.needs_rollback = False
 
 
+def test_model_rows_instances_are_from_dbs_and_receivers_still_see_theirs():
+    from django.db.models.signals import post_init
+
+    dep = make_deployment()
+    deployment_rows = rows.ModelRows(type(dep), "d")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {deployment_rows.columns(connection)} FROM trading_deployment d"
+            " WHERE d.id = %s",
+            [dep.pk],
+        )
+        row = cursor.fetchone()
+    read = deployment_rows.instance(connection, row)
+    orm = type(dep).objects.get(pk=dep.pk)
+    assert type(read) is type(orm) and values(read) == values(orm)
+    assert (read._state.adding, read._state.db) == (False, connection.alias)
+    assert read.__dict__.keys() == orm.__dict__.keys()  # nothing cached, nothing more
+    assert read.symbols == orm.symbols and read.symbols is not orm.symbols
+    seen = []
+
+    def receiver(sender, instance, **kwargs):
+        seen.append(instance)
+
+    post_init.connect(receiver, sender=type(dep))
+    try:
+        again = deployment_rows.instance(connection, row)
+    finally:
+        post_init.disconnect(receiver, sender=type(dep))
+    assert seen == [again] and values(again) == values(orm)
+
+
+def test_new_rows_are_the_models_own_new_instances():
+    from trading.models import Candle, EquitySnapshot
+
+    dep = make_deployment()
+    new_candle, new_snapshot = rows.NewRows(Candle), rows.NewRows(EquitySnapshot)
+    fields = dict(
+        exchange="paper", symbol=ETH, timeframe="5m", open_time_ms=0, close_time_ms=299_999,
+        open=1.0, high=2.0, low=0.5, close=1.5, volume=3.0, ingested_at=T,
+    )  # fmt: skip
+    made, orm = new_candle(**fields), Candle(**fields)
+    assert type(made) is Candle and values(made) == values(orm)
+    assert (made.pk, made.source, made.late, made.processed_at) == (None, "api", False, None)
+    assert made._state.adding and made._state.db is None
+    assert made.__dict__.keys() == orm.__dict__.keys()
+    rows.insert_rows([made])
+    assert values(Candle.objects.get(pk=made.pk)) == values(made)
+    snap = new_snapshot(deployment_id=dep.pk, ts=T, cash=1.0, positions_value=0.0, equity=1.0,
+                        peak=1.0, drawdown_pct=0.0)  # fmt: skip
+    assert snap.deployment == dep and snap.deployment_id == dep.pk
+    by_object = new_snapshot(deployment=dep, ts=T, cash=1.0, positions_value=0.0, equity=1.0,
+                             peak=1.0, drawdown_pct=0.0)  # fmt: skip
+    assert by_object.deployment_id == dep.pk  # a related object: the model's own __init__
+    with pytest.raises(TypeError):
+        new_snapshot(deployment_id=dep.pk, no_such_field=1)
+
+
 DATETIMES = [
     datetime(2024, 1, 1, 12, 0, tzinfo=UTC),
     datetime(2024, 1, 1, 12, 0, 0, 1, tzinfo=UTC),
