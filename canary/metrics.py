@@ -34,7 +34,7 @@ from datetime import datetime
 from operator import itemgetter
 from typing import Any
 
-from django.db import connections
+from django.db import connections, transaction
 from django.db.models import QuerySet
 
 from trading.models import Deployment, EquitySnapshot, MarketStream, Order, OrderStatus, Signal
@@ -275,25 +275,122 @@ ORDER BY ts, id
 """
 
 
-_DRAWDOWN_MARKS = _DRAWDOWN_MARKS_SQL.format(table=EquitySnapshot._meta.db_table)
-
-
 def _drawdown_params(window: Window, since: Any, now: Any) -> list[Any]:
     return [window.deployment_id, now, window.deployment_id, since, since]
+
+
+# SQLite, step after step of one phase: the window's marks read once. What a committed
+# step read of them (up to its last mark in (ts, id) order: the running peak, the worst
+# ratio, how many marks, the sum of their ids) is kept per database, deployment and window
+# start; the next step reads only the marks after that last one, with the window's base
+# and the count, id sum and last equity of the marks up to it, in one statement. Marks are
+# only ever appended (never updated; removed only with their deployment) and committed
+# ones keep their ids: the same base, count, sum and last equity mean the same marks up to
+# it, and what was kept holds; otherwise (a mark stamped before it, another base) the
+# window is read whole again. What a step read is kept once its transaction commits, so
+# that nothing a rolled back transaction saw is kept.
+_BASE = "COALESCE((SELECT MAX(ts) FROM {table} WHERE deployment_id = %s AND ts <= %s), %s)"
+# Both parts read the index on (deployment_id, ts) over a range of it: the marks up to the
+# last one read (its id and ts only), then those after it.
+_DRAWDOWN_AFTER_SQL = """
+SELECT 0 AS part, {base} AS ts, COUNT(*) AS id, SUM(m.id) AS equity,
+    (SELECT equity FROM {table} WHERE id = %s) AS last
+FROM {table} m
+WHERE m.deployment_id = %s AND m.ts >= {base} AND m.ts <= %s AND NOT (m.ts = %s AND m.id > %s)
+UNION ALL
+SELECT 1, m.ts || '', m.id, m.equity, NULL
+FROM {table} m
+WHERE m.deployment_id = %s AND m.ts <= %s AND m.ts >= MAX({base}, %s) AND (m.ts > %s OR m.id > %s)
+ORDER BY 1, 2, 3
+"""
+_DRAWDOWN_AFTER = _DRAWDOWN_AFTER_SQL.format(
+    table=EquitySnapshot._meta.db_table,
+    base=_BASE.format(table=EquitySnapshot._meta.db_table),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Marks:
+    """The window's marks read up to ``last`` (ts text, id, equity): their base, count and
+    id sum, running peak and worst ratio."""
+
+    base: str
+    last: tuple[str, int, float]
+    count: int
+    ids: int
+    peak: float | None
+    worst: float | None
+
+
+_KEPT: dict[tuple[str, int, str], _Marks] = {}
+_NOTHING = ("", 0, None)  # before every mark: the whole window is after it
 
 
 def _drawdown_of_marks(cursor: Any, connection: Any, window: Window) -> float | None:
     """``_DRAWDOWN_SQL``'s value from the window's marks in (ts, id) order."""
     since = adapt_datetime(connection, window.since)
     now = adapt_datetime(connection, window.now)
-    execute(cursor, _DRAWDOWN_MARKS, _drawdown_params(window, since, now))
-    return drawdown_ratio(map(itemgetter(0), cursor.fetchall()))
+    key = (connection.alias, window.deployment_id, since)
+    kept = _KEPT.get(key)
+    if kept is not None and now < kept.last[0]:
+        kept = None  # an earlier evaluation than the one kept
+    marks = _marks_after(cursor, window.deployment_id, since, now, kept)
+    if marks is None:  # what was kept no longer holds
+        kept = None
+        marks = _marks_after(cursor, window.deployment_id, since, now, None)
+        assert marks is not None
+    base, rows = marks
+    peak, worst = (kept.peak, kept.worst) if kept is not None else (None, None)
+    peak, worst = drawdown_state(map(itemgetter(3), rows), peak, worst)
+    if rows:
+        count = (kept.count if kept else 0) + len(rows)
+        ids = (kept.ids if kept else 0) + sum(map(itemgetter(2), rows))
+        last = rows[-1][1:4]
+        read = _Marks(base, last, count, ids, peak, worst)
+        transaction.on_commit(lambda: _keep(key, read), using=connection.alias)
+    return worst
+
+
+def _marks_after(
+    cursor: Any, deployment_id: int, since: str, now: str, kept: _Marks | None
+) -> tuple[str, list[tuple[int, str, int, float, None]]] | None:
+    """(the window's base, its marks after ``kept``'s last: (1, ts text, id, equity, None)
+    in order); None when the marks up to it are no longer those kept."""
+    last_ts, last_id, last_equity = kept.last if kept is not None else _NOTHING
+    base = [deployment_id, since, since]
+    execute(
+        cursor,
+        _DRAWDOWN_AFTER,
+        [*base, last_id, deployment_id, *base, last_ts, last_ts, last_id]
+        + [deployment_id, now, *base, last_ts, last_ts, last_id],
+    )
+    (_, window_base, count, ids, equity), *rows = cursor.fetchall()
+    if kept is not None and (window_base, count, ids or 0, equity) != (
+        kept.base,
+        kept.count,
+        kept.ids,
+        last_equity,
+    ):
+        return None
+    return window_base, rows
+
+
+def _keep(key: tuple[str, int, str], marks: _Marks) -> None:
+    if len(_KEPT) > 1024:
+        _KEPT.clear()
+    _KEPT[key] = marks
 
 
 def drawdown_ratio(marks: Any) -> float | None:
     """MIN(equity / running peak - 1.0) over the marks with a positive running peak, as
     ``_DRAWDOWN_SQL`` computes it (a ratio that is not a number is NULL there: skipped)."""
-    peak = worst = None
+    return drawdown_state(marks, None, None)[1]
+
+
+def drawdown_state(
+    marks: Any, peak: float | None, worst: float | None
+) -> tuple[float | None, float | None]:
+    """(running peak, worst ratio) after ``marks``, from those before them."""
     for equity in marks:
         if peak is None or equity > peak:
             peak = equity
@@ -301,7 +398,7 @@ def drawdown_ratio(marks: Any) -> float | None:
             ratio = equity / peak - 1.0
             if ratio == ratio and (worst is None or ratio < worst):
                 worst = ratio
-    return worst
+    return peak, worst
 
 
 def _drawdown_pct(value: Any) -> float | None:

@@ -6,12 +6,13 @@ from datetime import timedelta
 
 import pytest
 from django.db import connections, transaction
+from django.test.utils import CaptureQueriesContext
 
 from canary import metrics, services
 from canary.metrics import phase_metrics
 from canary.models import GateEvaluation, Phase, Rollout
 from canary.monitor import monitor_step
-from trading.models import Deployment, MarketStream
+from trading.models import Deployment, EquitySnapshot, MarketStream
 
 from .factories import (  # noqa: F401
     T0,
@@ -144,6 +145,50 @@ def test_drawdown_of_fetched_marks_is_the_window_functions(seed):
     assert metrics.drawdown_ratio(marks) == expected
     got = phase_metrics(deployment=deployment, since=since, now=now).drawdown_pct
     assert got == metrics._drawdown_pct(expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_drawdown_step_after_step_is_that_of_the_whole_window(
+    seed, django_capture_on_commit_callbacks
+):
+    """On SQLite a step reads the marks after those a committed step read: at every step
+    the drawdown of the whole window, also when a mark is stamped before the last one read,
+    after the evaluation time, at the same time as the last, or in a transaction rolled
+    back."""
+    rng = random.Random(seed)
+    deployment = make_deployment()
+    since = at(0)
+    add_equity(deployment, when=at(-60), equity=10.0)
+
+    def expected(now):
+        marks = EquitySnapshot.objects.filter(deployment=deployment, ts__gte=at(-60), ts__lte=now)
+        return metrics.drawdown_ratio(m.equity for m in marks.order_by("ts", "id"))
+
+    def step(now):
+        with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
+            return phase_metrics(deployment=deployment, since=since, now=now).drawdown_pct
+
+    for i in range(1, 25):
+        now = at(60 * i)
+        for _ in range(rng.randrange(0, 4)):
+            when = rng.choice(
+                (now, at(60 * i - 30), at(60 * i + 30), at(60 * rng.randrange(1, i + 1)))
+            )
+            add_equity(deployment, when=when, equity=rng.uniform(5, 15))
+        if rng.random() < 0.2:  # a step whose transaction is rolled back
+            with pytest.raises(ZeroDivisionError), transaction.atomic():
+                add_equity(deployment, when=now, equity=1.0)
+                phase_metrics(deployment=deployment, since=since, now=now)
+                raise ZeroDivisionError
+        assert step(now) == metrics._drawdown_pct(expected(now)), i
+    now = at(60 * 25)
+    add_equity(deployment, when=now, equity=9.0)
+    want = metrics._drawdown_pct(expected(now))
+    with CaptureQueriesContext(connections["default"]) as statements:
+        assert step(now) == want
+    sql = [q["sql"] for q in statements.captured_queries if "SAVEPOINT" not in q["sql"]]
+    # SQLite: the aggregates, then only the marks after those kept (PostgreSQL: one statement)
+    assert len(sql) == (2 if connections["default"].vendor == "sqlite" else 1)
 
 
 @pytest.mark.parametrize("seed", range(6))
