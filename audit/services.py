@@ -236,9 +236,10 @@ audit_head AS (
     FROM audit_head h
     RETURNING id, seq, prev_hash, hash
 )"""
-_PG_CANONICAL = "%s || (seq + 1)::text || %s"
+# The canonical JSON hashed: the text before the seq, the seq, the text after it.
+_PG_CANONICAL = "{before} || (seq + 1)::text || %s"
 _PG_APPEND_SQL = (
-    f"WITH {_PG_APPEND_CTES.format(when='TRUE', canonical=_PG_CANONICAL, payload='%s')}"
+    f"WITH {_PG_APPEND_CTES.format(when='TRUE', canonical=_PG_CANONICAL.format(before='%s'), payload='%s')}"
     " SELECT id, seq, prev_hash, hash FROM audit_event"
 )
 AUDIT_HEAD_EXISTS = f"EXISTS (SELECT 1 FROM {AuditChainHead._meta.db_table} WHERE id = 1)"
@@ -247,12 +248,12 @@ AUDIT_HEAD_EXISTS = f"EXISTS (SELECT 1 FROM {AuditChainHead._meta.db_table} WHER
 def _filled_in(text: str, filled: dict[str, str]) -> tuple[str, list[str]]:
     """``text`` (JSON holding each ``filled`` member's placeholder) as an SQL expression:
     its pieces as parameters, the placeholders replaced by their SQL expressions' text."""
-    marks = sorted((text.index(json.dumps(_placeholder(k))), k) for k in filled)
+    quoted = {k: json.dumps(_placeholder(k)) for k in filled}
     sql, pieces, start = [], [], 0
-    for at, key in marks:
+    for at, key in sorted((text.index(q), k) for k, q in quoted.items()):
         pieces.append(text[start:at])
         sql += ["%s", f"({filled[key]})::text"]
-        start = at + len(json.dumps(_placeholder(key)))
+        start = at + len(quoted[key])
     pieces.append(text[start:])
     return " || ".join([*sql, "%s"]), pieces
 
@@ -271,9 +272,9 @@ def audit_append_ctes(
     callers condition their change on ``AUDIT_HEAD_EXISTS`` too.
 
     ``filled``: top-level payload members whose values the statement makes (the ids of
-    the rows it inserts), member -> SQL expression of a number; the event's payload holds
-    what the statement makes instead of what the event's payload holds for them. The
-    caller then sets them in ``event.payload`` from what the statement returns."""
+    the rows it inserts), member -> SQL expression of a number: the payload stored and the
+    text hashed hold what the statement makes in their place. The caller then sets them
+    in ``event.payload`` from what the statement returns."""
     if filled:
         event.payload = {**event.payload, **{k: _placeholder(k) for k in filled}}
     before, after = canonical_around_seq(
@@ -296,7 +297,7 @@ def audit_append_ctes(
         event.user_agent,
     ]  # fmt: skip
     sql = _PG_APPEND_CTES.format(
-        when=when, canonical=f"{canonical} || (seq + 1)::text || %s", payload=payload_sql
+        when=when, canonical=_PG_CANONICAL.format(before=canonical), payload=payload_sql
     )
     return sql, params
 

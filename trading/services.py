@@ -177,29 +177,33 @@ SELECT EXISTS (SELECT 1 FROM u),
        ARRAY(SELECT id FROM c ORDER BY id), e.id, e.seq, e.prev_hash, e.hash
 FROM o LEFT JOIN audit_event e ON TRUE
 """
+_CANDLE_FIELDS = [f for f in Candle._meta.concrete_fields if not f.primary_key]
 # The columns a batch's candles differ in (one array each); the others hold one value.
-_PER_CANDLE = ("open_time_ms", "close_time_ms", *Candle.VALUE_FIELDS)
+_PER_CANDLE = [
+    f
+    for f in _CANDLE_FIELDS
+    if f.attname in ("open_time_ms", "close_time_ms", *Candle.VALUE_FIELDS)
+]
+_ONE_VALUE = [f for f in _CANDLE_FIELDS if f not in _PER_CANDLE]
 _AUDIT_IDS = {"first_id": "(SELECT min(id) FROM c)", "last_id": "(SELECT max(id) FROM c)"}
 
 
 def _next_candles_sql(audit_sql: str) -> str:
     from audit.services import AUDIT_HEAD_EXISTS
 
-    fields = [f for f in Candle._meta.concrete_fields if not f.primary_key]
-    per_candle = [f for f in fields if f.attname in _PER_CANDLE]
     qn = connection.ops.quote_name
     return _NEXT_CANDLES_SQL.format(
         stream=MarketStream._meta.db_table,
         where=_STREAM_WHERE,
         head_exists=AUDIT_HEAD_EXISTS,
         candle=Candle._meta.db_table,
-        columns=", ".join(qn(f.column) for f in fields),
+        columns=", ".join(qn(f.column) for f in _CANDLE_FIELDS),
         values=", ".join(
-            f"t.{qn(f.column)}" if f in per_candle else f"%s::{f.db_type(connection)}"
-            for f in fields
+            f"t.{qn(f.column)}" if f in _PER_CANDLE else f"%s::{f.db_type(connection)}"
+            for f in _CANDLE_FIELDS
         ),
-        arrays=", ".join(f"%s::{f.db_type(connection)}[]" for f in per_candle),
-        names=", ".join(qn(f.column) for f in per_candle),
+        arrays=", ".join(f"%s::{f.db_type(connection)}[]" for f in _PER_CANDLE),
+        names=", ".join(qn(f.column) for f in _PER_CANDLE),
         deployment=Deployment._meta.db_table,
         audit=audit_sql,
     )
@@ -232,18 +236,13 @@ def _ingest_next(
         event, when="EXISTS (SELECT 1 FROM c)", filled=_AUDIT_IDS
     )
     sql = sql_once(connection, ("ingest_next", audit_sql), lambda: _next_candles_sql(audit_sql))
-    fields = [f for f in Candle._meta.concrete_fields if not f.primary_key]
     first = new[0]
     times = [item["open_time_ms"] for item in cleaned]
     params = [
         *stream,
         max(times), connection.ops.adapt_datetimefield_value(now), len(new), min(times),
-        *(
-            f.get_db_prep_save(getattr(first, f.attname), connection)
-            for f in fields
-            if f.attname not in _PER_CANDLE
-        ),
-        *(_array_text([getattr(c, f.attname) for c in new]) for f in fields if f.attname in _PER_CANDLE),
+        *(f.get_db_prep_save(getattr(first, f.attname), connection) for f in _ONE_VALUE),
+        *(_array_text([getattr(c, f.attname) for c in new]) for f in _PER_CANDLE),
         *audit_params,
         stream[2],
     ]  # fmt: skip
@@ -396,8 +395,7 @@ def candles_ingest(
             )
             raise
         except IntegrityError:
-            # A concurrent writer (or the admin, without advancing the stream's row) stored
-            # some of these keys first: re-read and classify.
+            # A concurrent writer stored some of these keys first: re-read and classify.
             if attempt:
                 raise
     raise AssertionError("unreachable")
