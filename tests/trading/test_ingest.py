@@ -296,8 +296,7 @@ def test_a_conflict_names_every_stored_value(client):
     assert conflict["received"]["volume"] == 1.0
 
 
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize(
+WATCHERS = pytest.mark.parametrize(
     ("deployment", "queued"),
     [
         (None, False),
@@ -306,9 +305,11 @@ def test_a_conflict_names_every_stored_value(client):
         ({"timeframe": "5m"}, True),
     ],
 )
-def test_the_strategy_step_is_queued_when_a_deployment_trades_the_timeframe(
-    client, monkeypatch, deployment, queued
-):
+
+
+def _strategy_steps_sent(monkeypatch, deployment):
+    """The candle ids the strategy step is queued with (the list filled as it is), with
+    ``deployment`` (its fields) created first when given."""
     from trading.models import Deployment
     from trading.tasks import process_candles_strategy
 
@@ -318,6 +319,15 @@ def test_the_strategy_step_is_queued_when_a_deployment_trades_the_timeframe(
         )
     sent = []
     monkeypatch.setattr(process_candles_strategy, "delay", lambda ids: sent.append(ids))
+    return sent
+
+
+@pytest.mark.django_db(transaction=True)
+@WATCHERS
+def test_the_strategy_step_is_queued_when_a_deployment_trades_the_timeframe(
+    client, monkeypatch, deployment, queued
+):
+    sent = _strategy_steps_sent(monkeypatch, deployment)
     response = post(client, [candle()])
     assert response.status_code == 201
     assert sent == ([response.json()["ids"]] if queued else [])
@@ -363,32 +373,16 @@ def test_a_candle_stored_without_its_stream_advanced_is_classified_as_any_other(
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize(
-    ("deployment", "queued"),
-    [
-        (None, False),
-        ({"timeframe": "1h"}, False),
-        ({"timeframe": "5m", "signals_enabled": False}, False),
-        ({"timeframe": "5m"}, True),
-    ],
-)
+@WATCHERS
 def test_a_streams_next_candles_are_queued_for_the_strategy_as_the_first(
     client, monkeypatch, deployment, queued
 ):
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from trading.models import Deployment
-    from trading.tasks import process_candles_strategy
-
-    if deployment is not None:
-        Deployment.objects.create(
-            name="d", exchange="paper", symbols=["LTC/BTC"], full_order_notional=0.1, **deployment
-        )
     from alerts import services as alert_services
 
-    sent = []
-    monkeypatch.setattr(process_candles_strategy, "delay", lambda ids: sent.append(ids))
+    sent = _strategy_steps_sent(monkeypatch, deployment)
     monkeypatch.setattr(alert_services, "candles_queue", lambda ids: None)
     assert post(client, [candle()]).status_code == 201
     with CaptureQueriesContext(connection) as queries:
