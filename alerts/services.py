@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable
@@ -717,18 +718,38 @@ def candles_process(*, candle_ids: Iterable[int]) -> list[Alert]:
 
 QUEUED_KEY = "alerts:candles:queued"
 POKE_KEY = "alerts:candles:more"
+# The flag's value while the run it stands for is queued and has not started: the first run
+# to start takes it (writing its task id in its place); a run started later finds another
+# run's id there and ends at once.
+QUEUED = "1"
 _queue_client: redis.Redis | None = None
 
 # One round trip for a stored batch: take the flag (the caller then sends the run), or, if
 # a run holds it already, leave that run a word that more candles are stored.
 _FLAG_OR_POKE = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 1 end
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then return 1 end
 redis.call('LPUSH', KEYS[2], '1')
 redis.call('LTRIM', KEYS[2], 0, 0)
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 0
 """
-_flag_or_poke: Any = None
+# A run's hold on the flag, taken or renewed before each pass: free, queued (QUEUED) or its
+# own (its task id: a task redelivered after its worker died takes its flag back), it
+# becomes the run's and the word of more candles is cleared; held by another run, it is
+# left to that run (0).
+_HOLD = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] and held ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+# Let the flag go if it holds this value (a run lets go of its own hold, never another's).
+_LET_GO = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_scripts: dict[str, Any] = {}
 
 
 def _queue_flags() -> redis.Redis:
@@ -741,14 +762,39 @@ def _queue_flags() -> redis.Redis:
     return _queue_client
 
 
+def _script(source: str) -> Any:
+    """A Lua script on the broker's Redis, registered once (run by its SHA)."""
+    if source not in _scripts:
+        _scripts[source] = _queue_flags().register_script(source)
+    return _scripts[source]
+
+
 def _take_flag_or_poke() -> bool:
     """True: the flag was free and is now taken (send a run)."""
-    global _flag_or_poke
-    client = _queue_flags()
-    if _flag_or_poke is None:
-        _flag_or_poke = client.register_script(_FLAG_OR_POKE)
     keys, ttl = [QUEUED_KEY, POKE_KEY], settings.ALERTS_QUEUED_FLAG_TTL_S
-    return bool(_flag_or_poke(keys=keys, args=[ttl], client=client))
+    return bool(_script(_FLAG_OR_POKE)(keys=keys, args=[ttl, QUEUED], client=_queue_flags()))
+
+
+def _hold_flag(run_id: str) -> bool:
+    """Take or renew the run's hold on the flag (_HOLD); False: another run holds it."""
+    keys, ttl = [QUEUED_KEY, POKE_KEY], settings.ALERTS_QUEUED_FLAG_TTL_S
+    return bool(_script(_HOLD)(keys=keys, args=[run_id, ttl, QUEUED], client=_queue_flags()))
+
+
+def queue_run_anyway() -> None:
+    """Send a processing run whatever holds the flag, which then stands for that run: a
+    run handing over at its time limit, and a worker's start (a run killed with its flag
+    held would otherwise hold off the next until the flag expires; a run still alive
+    holding the flag takes it back before its next pass, and the run sent here then ends
+    at once: one run goes on)."""
+    from .tasks import process_candles
+
+    _queue_flags().set(QUEUED_KEY, QUEUED, ex=settings.ALERTS_QUEUED_FLAG_TTL_S)
+    try:
+        process_candles.delay([], pending=True)
+    except Exception:
+        _clear_queued_flag()  # not left standing for a run that was not sent
+        raise
 
 
 def candles_queue(candle_ids: list[int]) -> None:
@@ -779,9 +825,11 @@ def candles_queue(candle_ids: list[int]) -> None:
         raise
 
 
-def _clear_queued_flag() -> None:
+def _clear_queued_flag(holder: str = QUEUED) -> None:
+    """Let the flag go if ``holder`` holds it (QUEUED: the run it was taken for was not
+    sent)."""
     try:
-        _queue_flags().delete(QUEUED_KEY)
+        _script(_LET_GO)(keys=[QUEUED_KEY], args=[holder], client=_queue_flags())
     except redis.RedisError as err:
         log.warning("candle processing flag not cleared: %s", err)
 
@@ -827,19 +875,27 @@ def _another_pass(flags: redis.Redis, found: bool, not_before: float, linger_s: 
 
 
 def candles_process_pending(
-    linger_s: float | None = None, max_s: float | None = None, pass_s: float | None = None
+    linger_s: float | None = None,
+    max_s: float | None = None,
+    pass_s: float | None = None,
+    run_id: str | None = None,
 ) -> list[Alert]:
-    """The run queued by candles_queue, holding its flag: process every stream with pending
-    candles, then wait up to ``linger_s`` (ALERTS_RUN_LINGER_S) for word of more and
-    process again, for as long as they keep coming. Once none came for that long, it lets
-    the flag go and looks once more: candles whose batch saw the flag held before it was
-    let go are visible to that look, and are taken (with the flag taken back) unless a new
-    run was sent for them meanwhile. After ``max_s`` (ALERTS_RUN_MAX_S) of candles it sends
-    a new run to carry on, so that no task outlives its time limit. While candles keep
-    coming it starts a pass at most every ``pass_s`` (ALERTS_RUN_PASS_S), so that a pass
-    takes the candles of several streams together (streams_process); the first candles
-    after a quiet spell are taken at once. Run eagerly (``linger_s`` 0) it neither waits
-    nor paces.
+    """The run queued by candles_queue, holding its flag (under ``run_id``, its task's id):
+    process every stream with pending candles, then wait up to ``linger_s``
+    (ALERTS_RUN_LINGER_S) for word of more and process again, for as long as they keep
+    coming. Once none came for that long, it lets the flag go and looks once more: candles
+    whose batch saw the flag held before it was let go are visible to that look, and are
+    taken (with the flag taken back) unless a new run was sent for them meanwhile. After
+    ``max_s`` (ALERTS_RUN_MAX_S) of candles it sends a new run to carry on, so that no task
+    outlives its time limit. While candles keep coming it starts a pass at most every
+    ``pass_s`` (ALERTS_RUN_PASS_S), so that a pass takes the candles of several streams
+    together (streams_process); the first candles after a quiet spell are taken at once.
+    Run eagerly (``linger_s`` 0) it neither waits nor paces.
+
+    One run at a time: a run that finds the flag held by another (a run sent at a worker's
+    start while one was still going, queue_run_anyway) ends at once, leaving the candles to
+    that one, which would otherwise find them too, both going on, each handing over to a
+    new run, for as long as candles keep coming.
 
     A stream whose processing fails is logged and left pending (the next run takes it
     again) without holding up the other streams; the run then ends, failing with the first
@@ -848,6 +904,7 @@ def candles_process_pending(
     linger_s = settings.ALERTS_RUN_LINGER_S if linger_s is None else linger_s
     max_s = settings.ALERTS_RUN_MAX_S if max_s is None else max_s
     pass_s = settings.ALERTS_RUN_PASS_S if pass_s is None else pass_s
+    run_id = run_id or uuid.uuid4().hex
     ttl = settings.ALERTS_QUEUED_FLAG_TTL_S
     flags = _queue_flags()
     deadline = time.monotonic() + max_s
@@ -858,13 +915,12 @@ def candles_process_pending(
         while True:
             started = time.monotonic()
             try:
-                flags.pipeline(transaction=False).set(QUEUED_KEY, "1", ex=ttl).delete(
-                    POKE_KEY
-                ).execute()
-                held = True
+                held = _hold_flag(run_id)
             except redis.RedisError as err:
                 log.warning("candle processing flag unreachable: %s", err)
-                held = False
+                held = None
+            if held is False:
+                return alerts  # another run holds the flag and takes these candles
             streams = pending_streams()
             done, failed = streams_process(streams)
             alerts += done
@@ -877,26 +933,20 @@ def candles_process_pending(
                 break
             if _another_pass(flags, bool(streams), started + pass_s, linger_s):
                 continue
-            flags.delete(QUEUED_KEY)
-            if not pending_streams() or not flags.set(QUEUED_KEY, "1", nx=True, ex=ttl):
+            _clear_queued_flag(run_id)
+            if not pending_streams() or not flags.set(QUEUED_KEY, run_id, nx=True, ex=ttl):
                 return alerts
     except redis.RedisError as err:
         log.warning("candle processing flag unreachable, run ends: %s", err)
-        _clear_queued_flag()
+        _clear_queued_flag(run_id)
         return alerts
     except DatabaseError:
-        _clear_queued_flag()
+        _clear_queued_flag(run_id)
         raise
-    if hand_over:  # the flag stays held for the run sent to carry on
-        from .tasks import process_candles
-
-        try:
-            process_candles.delay([], pending=True)
-        except Exception:
-            _clear_queued_flag()
-            raise
+    if hand_over:  # a new run carries on, the flag held for it, queued
+        queue_run_anyway()
         return alerts
-    _clear_queued_flag()
+    _clear_queued_flag(run_id)
     raise failed
 
 

@@ -14,6 +14,7 @@ from .services import (
     deliveries_sweep,
     delivery_send,
     pending_streams,
+    queue_run_anyway,
 )
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ def process_candles(self: Any, candle_ids: list[int], pending: bool = False) -> 
     run queued by candles_queue, which takes candles stored after these too). Run eagerly
     (in the request that stored them) it does not wait for more."""
     if pending:
-        return len(candles_process_pending(linger_s=0.0 if self.request.is_eager else None))
+        linger_s = 0.0 if self.request.is_eager else None
+        return len(candles_process_pending(linger_s=linger_s, run_id=self.request.id))
     return len(candles_process(candle_ids=candle_ids))
 
 
@@ -50,8 +52,9 @@ def sweep_deliveries() -> int:
 def sweep_at_worker_start(sender: Any = None, **kwargs: Any) -> None:
     """Celery worker_ready: one sweep at once (in a thread: a database that is down must not
     hold the worker's start), for the deliveries a dead predecessor left behind, and a
-    candle-processing run if candles are pending (a run killed with its flag held would
-    otherwise hold off the next one until the flag expires)."""
+    candle-processing run if candles are pending, whatever holds the flag (a run killed
+    with its flag held would otherwise hold off the next one until the flag expires; a run
+    still going takes the flag back and the one sent here ends, queue_run_anyway)."""
     threading.Thread(target=_sweep_once, name="deliveries-sweep", daemon=True).start()
 
 
@@ -59,7 +62,7 @@ def _sweep_once() -> None:
     try:
         deliveries_sweep()
         if pending_streams():
-            process_candles.delay([], pending=True)
+            queue_run_anyway()
     except DatabaseError as exc:
         log.error("worker start: deliveries not swept, database unavailable: %s", exc)
     except Exception:

@@ -144,17 +144,15 @@ def test_candles_stored_after_the_run_let_its_flag_go_queue_another(
     from trading.models import Candle
 
     _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
-    client = services._queue_flags()
-    delete = client.delete
+    clear = services._clear_queued_flag
     after: list[list[int]] = []
 
-    def let_go(*keys):
-        deleted = delete(*keys)
-        if keys == (services.QUEUED_KEY,) and not after:
+    def let_go(*args):
+        clear(*args)
+        if not after:
             after.append(_ingest([candle(1, 100.1, 100.2)], django_capture_on_commit_callbacks))
-        return deleted
 
-    monkeypatch.setattr(client, "delete", let_go)
+    monkeypatch.setattr(services, "_clear_queued_flag", let_go)
     services.candles_process_pending(linger_s=0)
     assert len(sent) == 2 and sent[1] == ((after[0],), {"pending": True})
     # The new run's flag stays; the candle is left to that run.
@@ -171,6 +169,8 @@ def test_a_run_that_reaches_its_time_limit_hands_over_to_a_new_one(
     services.candles_process_pending(linger_s=0, max_s=0)
     assert sent[1:] == [(([],), {"pending": True})]
     assert 0 < flag.ttl(services.QUEUED_KEY) <= alert_settings.ALERTS_QUEUED_FLAG_TTL_S
+    # Queued, not the run's own: the new run takes it when it starts.
+    assert flag.get(services.QUEUED_KEY) == services.QUEUED.encode()
 
 
 def test_without_redis_the_run_processes_once_and_ends(
@@ -190,14 +190,16 @@ def test_eagerly_run_it_does_not_wait(flag, alert_settings, settings, monkeypatc
     from alerts import services
     from alerts.tasks import process_candles
 
-    seen: list[float | None] = []
+    seen: list[tuple[float | None, str | None]] = []
     monkeypatch.setattr(
-        services, "candles_process_pending", lambda linger_s=None: seen.append(linger_s) or []
+        services,
+        "candles_process_pending",
+        lambda linger_s=None, run_id=None: seen.append((linger_s, run_id)) or [],
     )
     monkeypatch.setattr("alerts.tasks.candles_process_pending", services.candles_process_pending)
     settings.CELERY_TASK_ALWAYS_EAGER = True
-    process_candles.apply(([],), {"pending": True})
-    assert seen == [0.0]
+    result = process_candles.apply(([],), {"pending": True})
+    assert seen == [(0.0, result.id)]  # the run holds the flag under its task's id
 
 
 def test_redis_unreachable_sends_the_task_anyway(
@@ -307,6 +309,58 @@ def test_a_starting_worker_queues_a_run_for_pending_candles_whatever_the_flag(
     services.candles_process_pending(linger_s=0)
     _sweep_once()  # nothing pending: nothing sent
     assert len(sent) == 2
+
+
+def test_a_run_the_starting_worker_cannot_send_leaves_no_queued_flag(flag, monkeypatch):
+    from alerts import services
+    from alerts.tasks import process_candles
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(process_candles, "delay", refuse)
+    with pytest.raises(ConnectionError):
+        services.queue_run_anyway()
+    assert flag.get(services.QUEUED_KEY) is None
+
+
+def test_a_run_started_while_another_holds_the_flag_ends_at_once_leaving_it_the_candles(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks
+):
+    from alerts import services
+    from trading.models import Candle
+
+    ids = _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
+    flag.set(services.QUEUED_KEY, "run-a")  # run-a started and holds the flag
+    assert services.candles_process_pending(linger_s=0, run_id="run-b") == []
+    assert Candle.objects.get(pk__in=ids).processed_at is None
+    assert flag.get(services.QUEUED_KEY) == b"run-a"
+    # run-a's own flag is its own: a task redelivered after its worker died takes it back.
+    services.candles_process_pending(linger_s=0, run_id="run-a")
+    assert Candle.objects.get(pk__in=ids).processed_at is not None
+    assert flag.get(services.QUEUED_KEY) is None
+    assert len(sent) == 1
+
+
+def test_a_worker_starting_while_a_run_goes_on_leaves_one_run_going(
+    flag, sent, alert_settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    """Two runs would both take every pass's candles and each hand over to a new run, for
+    as long as candles keep coming."""
+    from types import SimpleNamespace
+
+    from alerts import services, tasks
+    from trading.models import Candle
+
+    monkeypatch.setattr(tasks, "connection", SimpleNamespace(close=lambda: None))
+    ids = _ingest([candle(0, 100.0, 100.1)], django_capture_on_commit_callbacks)
+    flag.set(services.QUEUED_KEY, "run-a")
+    tasks._sweep_once()
+    assert len(sent) == 2 and flag.get(services.QUEUED_KEY) == services.QUEUED.encode()
+    assert services._hold_flag("run-a")  # run-a's next pass takes the flag back
+    assert services.candles_process_pending(linger_s=0, run_id="run-sent") == []
+    assert flag.get(services.QUEUED_KEY) == b"run-a"
+    assert Candle.objects.get(pk__in=ids).processed_at is None  # left to run-a
 
 
 def test_a_stream_failing_on_redis_fails_the_run_with_that_error(
