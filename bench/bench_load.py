@@ -262,6 +262,24 @@ def group_cpu_s(pgid: int) -> float:
     return total / tick
 
 
+def machine_cpu_ticks() -> list[int]:
+    """The machine's CPU time by state since boot, in ticks (Linux /proc/stat: user, nice,
+    system, idle, iowait, irq, softirq, steal)."""
+    with open("/proc/stat") as stat:
+        return [int(x) for x in stat.readline().split()[1:9]]
+
+
+def machine_cpu_shares(before: list[int], after: list[int]) -> str:
+    """Busy / idle / stolen shares of the machine's CPU time between two readings; stolen:
+    time the hypervisor gave the virtual CPUs to others, which none of the processes can
+    use (this machine's slow phases)."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(delta) or 1
+    idle, steal = delta[3] + delta[4], delta[7]
+    busy = total - idle - steal
+    return " / ".join(f"{100 * x / total:.0f} %" for x in (busy, idle, steal))
+
+
 def post_rows(
     live: Any, redis_url: str, scale: Scale, processes: int = 1, database_url: str = ""
 ) -> list[dict]:
@@ -274,12 +292,14 @@ def post_rows(
     groups = {name: live.stack.procs[name].pid for name in ("web", "worker")}
     cpu_before = {name: group_cpu_s(pgid) for name, pgid in groups.items()}
     load_before = os.getloadavg()[0]
+    ticks_before = machine_cpu_ticks()
     with analyzed_as_by_autovacuum(database_url) as maintenance:
         result = post_load(
             "127.0.0.1", live.port, token, lambda i: [stream_candle(i)],
             scale.post_rate, scale.post_seconds, threads=32,
         )  # fmt: skip
     cpu = {name: group_cpu_s(pgid) - cpu_before[name] for name, pgid in groups.items()}
+    shares = machine_cpu_shares(ticks_before, machine_cpu_ticks())
     load_after = os.getloadavg()[0]
     broker = redis.Redis.from_url(redis_url)
     backlog = " / ".join(str(broker.llen(queue)) for queue in ("celery", "alerts.candles"))
@@ -309,6 +329,8 @@ def post_rows(
              "as autovacuum would", maintenance["analyses"], "ANALYZE"),
         _row("machine load average (1 min) before / after the POSTs",
              f"{load_before:.1f} / {load_after:.1f}", f"on {os.cpu_count()} cores"),
+        _row("machine CPU during the POSTs: busy / idle / stolen by the hypervisor", shares,
+             "of its time"),
     ]  # fmt: skip
 
 
