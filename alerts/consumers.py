@@ -77,9 +77,12 @@ def _unstorable_field(content: dict) -> str | None:
     return None
 
 
-def _standing(user_pk: Any, token: str | None) -> tuple[Any, int | None, str]:
+def _standing(
+    user_pk: Any, token: str | None, session: str | None = None
+) -> tuple[Any, int | None, str]:
     """The user as the database has them now, and the close code and reason when they may
-    no longer use the desk (None when they may)."""
+    no longer use the desk (None when they may): the connection's API token (``token``) or
+    login session (``session``, its key) must still be theirs."""
     user = selectors.user(user_pk)
     if user is None:
         return None, CLOSE_UNAUTHENTICATED, "the user no longer exists"
@@ -87,6 +90,8 @@ def _standing(user_pk: Any, token: str | None) -> tuple[Any, int | None, str]:
         return user, CLOSE_UNAUTHENTICATED, "the user is no longer active"
     if token is not None and not selectors.token_held(token, user.pk):
         return user, CLOSE_UNAUTHENTICATED, "the token is no longer valid"
+    if session is not None and not selectors.session_held(session, user):
+        return user, CLOSE_UNAUTHENTICATED, "the session has ended"
     if not holds(user, VIEW_DESK):  # user.has_perm's answer, in one query
         return user, CLOSE_FORBIDDEN, f"needs the {VIEW_DESK} permission"
     return user, None, ""
@@ -97,6 +102,7 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
     filters: Filters = Filters()
     _refresher: asyncio.Task | None = None
     _token: str | None = None
+    _session: str | None = None
     _revoked = False
 
     async def connect(self) -> None:
@@ -116,6 +122,8 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
             return
         self.user = user
         self._token = token_key(self.scope)
+        if self._token is None:  # logged in by the session's cookie
+            self._session = getattr(self.scope.get("session"), "session_key", None)
         self.bucket = TokenBucket(
             settings.ALERTS_WS_RATE, settings.ALERTS_WS_BURST, time.monotonic()
         )
@@ -136,7 +144,9 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
             while True:
                 await asyncio.sleep(settings.ALERTS_PRESENCE_TTL_S / 3)
                 try:
-                    _, code, _ = await database_sync_to_async(_standing)(self.user.pk, self._token)
+                    _, code, _ = await database_sync_to_async(_standing)(
+                        self.user.pk, self._token, self._session
+                    )
                 except DatabaseError as err:
                     log.warning("alert socket: user not re-checked: %s", err)
                     code = None
@@ -158,7 +168,9 @@ class AlertConsumer(AsyncJsonWebsocketConsumer):
         """True with ``self.user`` fresh from the database; else the refusal is recorded,
         an error frame sent and the connection closed."""
         stale = self.user
-        user, code, reason = await database_sync_to_async(_standing)(stale.pk, self._token)
+        user, code, reason = await database_sync_to_async(_standing)(
+            stale.pk, self._token, self._session
+        )
         if code is None:
             self.user = user
             return True

@@ -7,12 +7,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import import_module
 from typing import Any
 
-from django.contrib.auth import get_user_model
+from django.conf import settings
+from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY, get_user_model
 from django.contrib.auth.models import Permission, User
 from django.db import connections
 from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.utils.crypto import constant_time_compare
 from rest_framework.authtoken.models import Token
 
 from trading.rows import client_binding_cursor
@@ -319,6 +322,17 @@ def user(pk: Any) -> Any:
 def token_held(key: str, user_id: Any) -> bool:
     """Whether this API token still exists and is this user's."""
     return bool(_TOKEN.rows(key=key, user_id=user_id))
+
+
+def session_held(key: str, user: Any) -> bool:
+    """Whether this login session still exists, unexpired, and is this user's as
+    django.contrib.auth.get_user would accept it: logging out deletes it, and a password
+    change voids it (its hash of the password no longer matches)."""
+    store = import_module(settings.SESSION_ENGINE).SessionStore(session_key=key)
+    data = store.load()  # {} for a session deleted or expired
+    if str(data.get(SESSION_KEY)) != str(user.pk):
+        return False
+    return constant_time_compare(data.get(HASH_SESSION_KEY, ""), user.get_session_auth_hash())
 
 
 def snapshot(filters: Filters, limit: int = 50) -> list[dict]:

@@ -1,7 +1,9 @@
 """Who may open /ws/alerts/ (the real ASGI application, in process): a wrong, deleted or
 inactive user's token and an expired session are closed with 4401 like an anonymous
 client; a user without view_desk gets 4403. The same holds for a connection already open:
-the user is checked again before each message (the refusal recorded in the audit trail).
+the user, and the token or login session it came with (a logout or a password change ends
+the session), are checked again before each message and every ALERTS_PRESENCE_TTL_S / 3
+seconds (the refusal recorded in the audit trail).
 (Anonymous and wrong-origin connections to a real server: tests/e2e/test_alert_slice.py.)"""
 
 from __future__ import annotations
@@ -246,3 +248,67 @@ def test_permissions_are_those_of_the_moment_of_the_message(api_token):
     ], replies
     assert Silence.objects.count() == 1
     assert AuditEvent.objects.filter(action="alerts.refused", actor="ops").count() == 1
+
+
+def _cookie_connected(client, make_user, settings) -> Socket:
+    key = _session_cookie(client, make_user, settings)
+    sock = Socket(_cookie_headers(settings.SESSION_COOKIE_NAME, key))
+    assert sock.first is not None and sock.first["type"] == "snapshot"
+    return sock
+
+
+def test_a_logout_closes_the_sessions_open_connection_4401(client, make_user, settings):
+    """The session is checked again before each message, as the token is: logging out
+    ends the desk's socket too (the refusal recorded)."""
+    sock = _cookie_connected(client, make_user, settings)
+    try:
+        replies = sock.send(text=json.dumps({"type": "subscribe"}))
+        assert [r["type"] for r in replies] == ["subscribed", "snapshot"]
+        client.logout()
+        frames = _until_closed(sock, SILENCE)
+    finally:
+        sock.close()
+    assert frames == [
+        {"type": "error", "error": "forbidden: the session has ended", "op": "silence"},
+        {"close": 4401},
+    ]
+    assert [(actor, p["reason"]) for actor, _, p in _refusals()] == [
+        ("ops", "the session has ended")
+    ]
+
+
+def test_a_password_change_closes_the_sessions_open_connection_4401(client, make_user, settings):
+    """As django.contrib.auth does for the session's next request."""
+    from django.contrib.auth.models import User
+
+    sock = _cookie_connected(client, make_user, settings)
+    try:
+        user = User.objects.get(username="ops")
+        user.set_password("a-new-password-for-the-test")
+        user.save()
+        frames = _until_closed(sock, {"type": "subscribe"})
+    finally:
+        sock.close()
+    assert frames[-1] == {"close": 4401}, frames
+    assert frames[0]["error"] == "forbidden: the session has ended"
+
+
+def test_the_periodic_check_closes_a_silent_connection_whose_session_ended(
+    client, make_user, settings
+):
+    """A socket that sends nothing is checked every ALERTS_PRESENCE_TTL_S / 3 seconds."""
+    settings.ALERTS_PRESENCE_TTL_S = 0.3
+    sock = _cookie_connected(client, make_user, settings)
+    try:
+        client.logout()
+
+        async def closed() -> int | None:
+            while True:
+                out = await sock.comm.receive_output(timeout=10)
+                if out["type"] == "websocket.close":
+                    return out.get("code")
+
+        code = sock.run(closed())
+    finally:
+        sock.close()
+    assert code == 4401
