@@ -885,6 +885,9 @@ class Stage1:
         self.outcomes: dict[str, str] = {}
         self.intents: dict[str, Intent] = {}
         self.holdings_before: dict[str, float] | None = None
+        # Online: the deployment's own orders still unsettled after a look-up, by symbol
+        # (their fills, not yet recorded, are missing from the positions that cap a close)
+        self.unsettled: dict[str, str] = {}
         self.gate = OrderGate(self.cfg.max_retry_after_s)
 
     def run(self) -> tuple[bool, dict[str, Any]]:
@@ -980,7 +983,9 @@ class Stage1:
             "dust": dust,
             "residual": residual,
         }
-        if residual:
+        if self.unsettled:
+            detail["unsettled"] = dict(self.unsettled)
+        if residual or self.unsettled:
             return "failed", detail
         return ("ok" if self.intents else "skipped"), detail
 
@@ -988,11 +993,14 @@ class Stage1:
         todo: Plan = {}
         for check in range(self.cfg.flat_checks):
             todo, dust = self._plan()
-            if not todo:
+            if not todo and not self.unsettled:
                 return "ok", {"checks": check + 1, "dust": dust}
             time.sleep(self.cfg.pause_s)
         residual = {s: q for s, (q, _) in todo.items()}
-        return "failed", {"checks": self.cfg.flat_checks, "residual": residual}
+        detail: dict[str, Any] = {"checks": self.cfg.flat_checks, "residual": residual}
+        if self.unsettled:
+            detail["unsettled"] = dict(self.unsettled)
+        return "failed", detail
 
     def step_halt(self) -> tuple[str, dict[str, Any]]:
         self.rec.kill_switch(KillSwitch.HALTED, f"rollback {self.key}: {self.cause}")
@@ -1020,15 +1028,47 @@ class Stage1:
 
     def _local_cap(self) -> dict[str, float] | None:
         """Online, only the strategy's own positions are ours to close (as the router's
-        flatten does); offline the exchange holdings of the symbols are (dedicated account)."""
+        flatten does), read after its own unsettled orders are looked up (an entry the
+        exchange filled while its record says PENDING or UNKNOWN holds what its position
+        does not count yet); offline the exchange holdings of the symbols are (dedicated
+        account)."""
         if self.rec.offline:
             return None
         try:
+            self.unsettled = self._settle_own_orders()
             rows = Position.objects.filter(deployment_id=self.snapshot.id, symbol__in=self.symbols)
             return dict(rows.values_list("symbol", "qty"))
         except DatabaseError as exc:
+            self.unsettled = {}
             self.rec.go_offline(exc)
             return None
+
+    def _settle_own_orders(self) -> dict[str, str]:
+        """The deployment's unsettled orders of the symbols other than this rollback's
+        closes (looked up by ``_settle_unsettled``), each looked up by its client id through
+        the router (``order_resolve``: found, its status and fills recorded; not found past
+        the grace period, never placed). {symbol: why an order of it is still unsettled}:
+        while one is, the symbol's holding cannot be known from the records."""
+        from trading.execution import order_resolve
+
+        orders = Order.objects.filter(
+            deployment_id=self.snapshot.id, symbol__in=self.symbols, status__in=UNSETTLED
+        ).exclude(client_order_id__in=list(self.intents))
+        unsettled: dict[str, str] = {}
+        for order in orders:
+            try:
+                order = order_resolve(order=order, exchange=self.adapter)
+            except ExchangeError as exc:
+                unsettled[order.symbol] = (
+                    f"{order.client_order_id} ({order.status}) could not be looked up: "
+                    f"{type(exc).__name__}: {str(exc)[:200]}"
+                )
+                continue
+            if order.status in UNSETTLED:
+                unsettled[order.symbol] = (
+                    f"{order.client_order_id} is still {order.status} after its look-up"
+                )
+        return unsettled
 
     def _plan(self) -> tuple[Plan, dict[str, float]]:
         """Symbols still to sell: {symbol: (tradable qty, reference price)}, and the dust."""

@@ -1,5 +1,6 @@
 """Rollback in-process against a paper exchange: stages 1 and 2 recorded, a second request
-joining the first, nothing to close, a crash mid stage 1 resumed without a second close,
+joining the first, nothing to close, an entry filled on the exchange but not yet recorded
+(looked up first, then closed; or, when it cannot be, no claim of flat), a crash mid stage 1 resumed without a second close,
 stage 1 with the database unreachable (journal, then replay), stage 3, the stream watchdog."""
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from canary.rollback import (
 from canary.stage1 import STEPS, DeploymentSnapshot, snapshot_store
 from canary.watchdogs import watchdogs_tick
 from tests.safety.helpers import fresh_market, open_positions, paper_exchange
-from trading.models import Deployment, KillSwitch, MarketStream, Order, Position
+from trading.exchange import OrderRequest, TemporaryExchangeError
+from trading.models import Deployment, KillSwitch, MarketStream, Order, OrderStatus, Position
 
 pytestmark = pytest.mark.django_db(transaction=True)
 SYMBOLS = ("ETH/BTC", "LTC/BTC", "XRP/BTC")
@@ -147,6 +149,80 @@ def test_rollback_with_no_open_positions_completes_cleanly(make_deployment, monk
     outcomes = dict(RollbackStep.objects.filter(rollback=rollback).values_list("name", "outcome"))
     assert outcomes["close_positions"] == "skipped" and outcomes["verify_flat"] == "ok"
     assert _closing_orders(deployment) == []
+
+
+def _lost_entry(deployment: Deployment, paper, qty: float) -> str:
+    """An entry the exchange filled while its record says UNKNOWN (the answer was lost):
+    no position counts it yet."""
+    cid = f"entry-{deployment.pk}-lost"
+    paper.create_order(OrderRequest("ETH/BTC", "buy", "market", qty, client_order_id=cid))
+    Order.objects.create(
+        deployment=deployment,
+        client_order_id=cid,
+        symbol="ETH/BTC",
+        side="buy",
+        requested_qty=qty,
+        status=OrderStatus.UNKNOWN,
+        created_at=timezone.now() - timedelta(seconds=30),
+        submitted_at=timezone.now() - timedelta(seconds=30),
+    )
+    return cid
+
+
+def test_an_entry_filled_but_recorded_unknown_is_settled_then_closed(
+    make_deployment, monkeypatch, settings, redis_url
+):
+    settings.TRADING_UNKNOWN_GRACE_S = 0.0
+    deployment = make_deployment(symbols=("ETH/BTC",))
+    paper = paper_exchange(("ETH/BTC",))
+    cid = _lost_entry(deployment, paper, 1.5)
+    monkeypatch.setattr(safety_adapters, "exchange_for", lambda d: paper)
+    rollback = rollback_request(deployment=deployment, trigger="gate", cause="test", actor="m")
+    rollback.refresh_from_db()
+    assert paper.positions() == {}
+    entry = Order.objects.get(client_order_id=cid)
+    assert entry.status == OrderStatus.FILLED and entry.filled_qty == pytest.approx(1.5)
+    (close,) = _closing_orders(deployment)
+    assert close.status == OrderStatus.FILLED and close.filled_qty == pytest.approx(1.5)
+    assert not Position.objects.filter(deployment=deployment, qty__gt=0).exists()
+    outcomes = dict(RollbackStep.objects.filter(rollback=rollback).values_list("name", "outcome"))
+    assert outcomes["close_positions"] == "ok" and outcomes["verify_flat"] == "ok"
+    assert rollback.state == RollbackState.COMPLETED
+
+
+class LookupDown:
+    """The paper exchange, its look-ups by client id failing."""
+
+    def __init__(self, paper):
+        self.paper = paper
+
+    def __getattr__(self, name):
+        return getattr(self.paper, name)
+
+    def fetch_order_by_client_id(self, symbol, client_order_id):
+        raise TemporaryExchangeError("lookup timed out")
+
+
+def test_an_entry_that_cannot_be_looked_up_keeps_the_rollback_from_saying_flat(
+    make_deployment, monkeypatch, settings, redis_url
+):
+    settings.TRADING_UNKNOWN_GRACE_S = 0.0
+    deployment = make_deployment(symbols=("ETH/BTC",))
+    paper = paper_exchange(("ETH/BTC",))
+    cid = _lost_entry(deployment, paper, 1.5)
+    monkeypatch.setattr(safety_adapters, "exchange_for", lambda d: LookupDown(paper))
+    rollback = rollback_request(deployment=deployment, trigger="gate", cause="test", actor="m")
+    rollback.refresh_from_db()
+    assert rollback.state != RollbackState.COMPLETED
+    steps = {s.name: s for s in RollbackStep.objects.filter(rollback=rollback)}
+    for name in ("close_positions", "verify_flat"):
+        assert steps[name].outcome == "failed"
+        assert cid in steps[name].detail["unsettled"]["ETH/BTC"], steps[name].detail
+        assert "lookup timed out" in steps[name].detail["unsettled"]["ETH/BTC"]
+    from alerts.models import Alert
+
+    assert Alert.objects.filter(dedupe_key__contains=f"rollback:{rollback.pk}:stage1:incomplete")
+    assert not Alert.objects.filter(dedupe_key__contains=f"rollback:{rollback.pk}:stage1:flat")
 
 
 def test_person_needs_the_permission(trading, make_user):
