@@ -123,19 +123,21 @@ def _trading(deployment_id: int) -> bool:
 
 
 def _halted_before_flat(deployment_id: int) -> bool:
-    """HALTED by the monitor failing closed (database lost mid-step), with no offline
-    stage 1 finished since: halting stopped new orders, it did not close the positions."""
+    """Halted, its positions perhaps still open: a rollback whose stage 1 has not finished
+    (its key still active, its journal without stage1_done: a run that failed on the
+    exchange or died, online or offline), or the monitor failing closed (database lost
+    mid-step) with no stage 1 run since. Halting stopped new orders; it did not close the
+    positions, so stage 1 is queued again at every tick while the database is down."""
     from .monitor import DB_FAILURE_KEY
 
     try:
-        if not redis_client().exists(DB_FAILURE_KEY.format(deployment_id=deployment_id)):
-            return False
+        failed_closed = redis_client().exists(DB_FAILURE_KEY.format(deployment_id=deployment_id))
         key = active_get(deployment_id)
     except redis.RedisError:
         return False
-    if key is None:
-        return True
-    return not Journal(settings.SAFETY_JOURNAL_DIR, key).state().stage1_done
+    if key is not None:
+        return not Journal(settings.SAFETY_JOURNAL_DIR, key).state().stage1_done
+    return bool(failed_closed)
 
 
 def snapshot_deployments() -> int:

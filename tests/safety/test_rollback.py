@@ -332,6 +332,43 @@ def test_stage1_runs_with_the_database_down_and_is_replayed(trading, settings):
     assert replays.count() == 1
 
 
+class TickerFailsOnce:
+    """The paper exchange, its first price request failing."""
+
+    def __init__(self, paper):
+        self.paper, self.failed = paper, False
+
+    def __getattr__(self, name):
+        return getattr(self.paper, name)
+
+    def fetch_ticker(self, symbol):
+        if not self.failed:
+            self.failed = True
+            raise TemporaryExchangeError("ticker timed out")
+        return self.paper.fetch_ticker(symbol)
+
+
+def test_an_offline_stage1_that_failed_runs_again_while_the_database_is_down(
+    trading, monkeypatch, settings
+):
+    deployment, paper = trading
+    flaky = TickerFailsOnce(paper)
+    monkeypatch.setattr(safety_adapters, "exchange_for", lambda d: flaky)
+    snapshot_store(DeploymentSnapshot.of(deployment))
+    with database_unreachable():
+        watchdogs_tick()
+        failed = watchdogs_tick()
+        held_after_failure = paper.positions()
+        state_after_failure = killswitch.read_state(deployment.pk)
+        again = watchdogs_tick()
+    assert failed == {"database": "down", "offline": [deployment.pk]}
+    assert held_after_failure and state_after_failure == KillSwitch.HALTED
+    assert again == {"database": "down", "offline": [deployment.pk]}
+    assert paper.positions() == {} and paper.fetch_open_orders() == []
+    [journal] = pending_journals(settings.SAFETY_JOURNAL_DIR)
+    assert journal.state().stage1_done
+
+
 def test_replaying_a_journal_twice_changes_nothing(trading, settings):
     deployment, paper = trading
     snapshot_store(DeploymentSnapshot.of(deployment))
