@@ -391,6 +391,12 @@ def _replay_rollback(state: JournalState) -> Rollback:
         rollback = Rollback.objects.filter(pk=state.header["rollback_id"]).first()
     if rollback is None:
         rollback = Rollback.objects.filter(report__journal_key=state.key).first()
+    if rollback is None and state.key.isdigit():
+        # an offline run that continued an open rollback (``rollback_run_offline`` takes
+        # the deployment's active key: that rollback's id, ``rollback_key``)
+        rollback = Rollback.objects.filter(
+            pk=int(state.key), deployment_id=state.header["deployment"]["id"]
+        ).first()
     if rollback is None:
         rollback = _replay_create(state)
     if state.stage1_done and rollback.state == RollbackState.RUNNING:

@@ -369,6 +369,25 @@ def test_an_offline_stage1_that_failed_runs_again_while_the_database_is_down(
     assert journal.state().stage1_done
 
 
+def test_an_offline_run_continuing_an_open_rollback_is_replayed_onto_it(
+    trading, monkeypatch, settings
+):
+    deployment, paper = trading
+    monkeypatch.setattr("canary.rollback.enqueue_run", lambda pk, queue=None: None)
+    rollback = rollback_request(deployment=deployment, trigger="gate", cause="fail", actor="m")
+    with database_unreachable():
+        watchdogs_tick()
+        assert watchdogs_tick() == {"database": "down", "offline": [deployment.pk]}
+    assert paper.positions() == {}
+    result = watchdogs_tick()
+    assert result["replayed"] == [rollback.pk]
+    assert list(Rollback.objects.filter(deployment=deployment)) == [rollback]
+    rollback.refresh_from_db()
+    assert rollback.state == RollbackState.STAGE1_DONE and rollback.stage1_ended_at is not None
+    outcomes = dict(RollbackStep.objects.filter(rollback=rollback).values_list("name", "outcome"))
+    assert all(outcomes[s] == "ok" for s in STEPS), outcomes
+
+
 def test_replaying_a_journal_twice_changes_nothing(trading, settings):
     deployment, paper = trading
     snapshot_store(DeploymentSnapshot.of(deployment))
