@@ -456,8 +456,13 @@ def _replay_create(state: JournalState) -> Rollback:
 
 
 def _replay_steps(rollback: Rollback, state: JournalState) -> None:
+    recorded = dict(
+        RollbackStep.objects.filter(rollback=rollback).values_list("name", "started_at")
+    )
     for name, line in state.steps.items():
-        started = parse_datetime(line.get("started_at") or line["at"])
+        # a step begun online and ended offline: its start is the recorded one
+        started = parse_datetime(line["started_at"]) if line.get("started_at") else None
+        started = started or recorded.get(name) or parse_datetime(line["at"])
         ended = parse_datetime(line["ended_at"]) if line.get("ended_at") else None
         outcome = line.get("outcome", "")
         RollbackStep.objects.update_or_create(

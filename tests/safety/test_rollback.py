@@ -27,7 +27,7 @@ from canary.rollback import (
     rollback_restore,
     rollback_run,
 )
-from canary.stage1 import STEPS, DeploymentSnapshot, snapshot_store
+from canary.stage1 import STEPS, DeploymentSnapshot, Recorder, snapshot_store
 from canary.watchdogs import watchdogs_tick
 from tests.safety.helpers import fresh_market, open_positions, paper_exchange
 from trading.exchange import OrderRequest, TemporaryExchangeError
@@ -386,6 +386,25 @@ def test_an_offline_run_continuing_an_open_rollback_is_replayed_onto_it(
     assert rollback.state == RollbackState.STAGE1_DONE and rollback.stage1_ended_at is not None
     outcomes = dict(RollbackStep.objects.filter(rollback=rollback).values_list("name", "outcome"))
     assert all(outcomes[s] == "ok" for s in STEPS), outcomes
+
+
+def test_a_step_begun_online_and_ended_offline_keeps_its_start(trading, monkeypatch):
+    deployment, paper = trading
+    end = Recorder.step_end
+
+    def database_lost_before_the_end(self, name, stage, outcome, detail):
+        if name == "verify_flat":
+            self.go_offline()
+        end(self, name, stage, outcome, detail)
+
+    monkeypatch.setattr(Recorder, "step_end", database_lost_before_the_end)
+    monkeypatch.setattr("canary.rollback.enqueue_run", lambda pk, queue=None: None)
+    rollback = rollback_request(deployment=deployment, trigger="gate", cause="fail", actor="m")
+    rollback_run(rollback.pk)
+    began = RollbackStep.objects.get(rollback=rollback, name="verify_flat").started_at
+    assert watchdogs_tick()["replayed"] == [rollback.pk]
+    step = RollbackStep.objects.get(rollback=rollback, name="verify_flat")
+    assert step.outcome == "ok" and step.started_at == began and step.started_at < step.ended_at
 
 
 def test_replaying_a_journal_twice_changes_nothing(trading, settings):
