@@ -87,21 +87,25 @@ def reseed_missing() -> list[int]:
     whose key is missing gets back the state its database mirror holds, the last one set
     through ``set_state`` (SET NX: a switch made meanwhile is never overwritten), with an
     audit record and a warning alert. Until then the key reads "unreadable" and the router
-    places nothing. Returns the deployment ids re-seeded; [] when Redis is unreachable."""
+    places nothing. Returns the deployment ids re-seeded ([] when Redis is unreachable;
+    those re-seeded before Redis failed part-way, each with its record)."""
     from . import safety_adapters
 
     rows = list(Deployment.objects.order_by("pk").values_list("pk", "kill_switch"))
     if not rows:
         return []
     client = redis_client()
+    reseeded: list[tuple[int, str]] = []
     try:
         current = client.mget([key(pk) for pk, _ in rows])
         missing = [
             (pk, state) for (pk, state), raw in zip(rows, current, strict=True) if raw is None
         ]
-        reseeded = [(pk, state) for pk, state in missing if client.set(key(pk), state, nx=True)]
+        for pk, state in missing:
+            if client.set(key(pk), state, nx=True):
+                reseeded.append((pk, state))
     except redis.RedisError:
-        return []
+        pass  # the keys set so far are no longer missing: their records are made below
     for pk, state in reseeded:
         reason = "Redis held no kill switch for the deployment (restarted without its data?)"
         with transaction.atomic():

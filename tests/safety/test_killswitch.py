@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from canary import killswitch
 from canary.heartbeat import redis_client
@@ -124,3 +125,40 @@ def test_a_key_lost_with_redis_is_reseeded_from_the_mirror_once(make_deployment,
     client.delete(killswitch.key(halted.pk))  # the watchdog's tick does it
     assert watchdogs_tick()["reseeded"] == [halted.pk]
     assert killswitch.read_state(halted.pk) == KillSwitch.HALTED
+
+
+class FailsOnSecondSet:
+    """A Redis client whose second SET fails (Redis going away part-way through)."""
+
+    def __init__(self, client):
+        self.client, self.sets = client, 0
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def set(self, *args, **kwargs):
+        self.sets += 1
+        if self.sets == 2:
+            raise redis.ConnectionError("Redis went away")
+        return self.client.set(*args, **kwargs)
+
+
+@pytest.mark.django_db
+def test_keys_reseeded_before_redis_fails_part_way_are_recorded(
+    make_deployment, redis_url, monkeypatch
+):
+    from audit.models import AuditEvent
+
+    first, second = sorted([make_deployment(), make_deployment()], key=lambda d: d.pk)
+    for deployment in (first, second):
+        killswitch.set_state(deployment=deployment, state=KillSwitch.HALTED, actor="t", reason="h")
+    client = redis_client()
+    client.delete(killswitch.key(first.pk), killswitch.key(second.pk))
+    monkeypatch.setattr(killswitch, "redis_client", lambda: FailsOnSecondSet(client))
+
+    assert killswitch.reseed_missing() == [first.pk]
+    assert killswitch.read_state(first.pk) == KillSwitch.HALTED
+    reseeded = AuditEvent.objects.filter(action="killswitch.reseeded")
+    assert [e.target_id for e in reseeded] == [str(first.pk)]
+    monkeypatch.setattr(killswitch, "redis_client", redis_client)
+    assert killswitch.reseed_missing() == [second.pk]
