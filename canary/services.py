@@ -23,6 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -812,6 +813,26 @@ def _busy_rollout(rollout: Rollout) -> str | None:
     return None
 
 
+def _require_no_rollback(rollout: Rollout, op: str) -> None:
+    """A rollout that a rollback has taken over (linked to it, or one of its deployment not
+    finished) is not promoted or resumed: the monitor's next step makes it follow the
+    rollback, and the kill switch stays where the rollback put it (a resume or a promote
+    would set it ACTIVE again while, or after, the positions are closed)."""
+    rollback = (
+        Rollback.objects.filter(
+            Q(rollout_id=rollout.pk)
+            | Q(deployment_id=rollout.deployment_id, state__in=BUSY_ROLLBACK_STATES)
+        )
+        .order_by("-pk")
+        .first()
+    )
+    if rollback is not None:
+        raise RolloutError(
+            f"cannot {op}: rollback {rollback.pk} of this deployment is {rollback.state} "
+            f"({rollback.trigger}: {rollback.cause})"
+        )
+
+
 @_refusable("start")
 def rollout_start(
     *, rollout: Rollout, actor: Any, now: datetime | None = None, request: Any = None
@@ -876,6 +897,7 @@ def rollout_promote(
     with transaction.atomic():
         locked = _lock(rollout)
         _require_state(locked, ACTIVE_STATES, "promote")
+        _require_no_rollback(locked, "promote")
         was_paused = locked.state == RolloutState.PAUSED
         phase = current_phase(locked)
         last = locked.current_phase >= len(locked.plan)
@@ -1096,6 +1118,7 @@ def rollout_resume(
     with transaction.atomic():
         locked = _lock(rollout)
         _require_state(locked, (RolloutState.PAUSED,), "resume")
+        _require_no_rollback(locked, "resume")
         phase = current_phase(locked)
         if phase is not None:
             phase.consecutive_warnings = 0

@@ -252,6 +252,37 @@ def test_resume_only_from_pause(running, ops):
         services.rollout_resume(rollout=running, actor=ops, reason="x")
 
 
+@pytest.mark.parametrize("linked", [False, True])
+def test_a_rollback_taking_over_refuses_resume_and_promote(
+    running, ops, django_capture_on_commit_callbacks, linked
+):
+    """A watchdog's rollback of the deployment (not yet followed by the monitor), or one
+    linked to the rollout and finished: the kill switch stays where the rollback put it."""
+    from canary.models import Rollback, RollbackState
+
+    with django_capture_on_commit_callbacks(execute=True):
+        services.rollout_pause(rollout=running, actor=ops, reason="look", now=at(50))
+    rollback = Rollback.objects.create(
+        deployment_id=running.deployment_id,
+        rollout=running if linked else None,
+        trigger="watchdog",
+        cause="market stream silent for 95 s",
+        requested_by="watchdog",
+        state=RollbackState.COMPLETED if linked else RollbackState.RUNNING,
+        started_at=at(52),
+    )
+    for op in (services.rollout_resume, services.rollout_promote):
+        with (
+            django_capture_on_commit_callbacks(execute=True),
+            pytest.raises(RolloutError, match=f"rollback {rollback.pk} of this deployment"),
+        ):
+            op(rollout=running, actor=ops, reason="looked", now=at(55))
+    running.refresh_from_db()
+    assert (running.state, running.current_phase) == (RolloutState.PAUSED, 1)
+    assert Deployment.objects.get(pk=running.deployment_id).kill_switch == KillSwitch.REDUCING
+    assert actions(running)[-2:] == ["rollout.refused", "rollout.refused"]
+
+
 def test_promote_out_of_a_pause_reactivates(running, ops, django_capture_on_commit_callbacks):
     services.rollout_pause(rollout=running, actor=ops, reason="look", now=at(50))
     with django_capture_on_commit_callbacks(execute=True):
