@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
+from trading.numbers import is_finite_number
+
 Number = int | float
 MetricValue = int | float | bool
 
@@ -92,7 +94,7 @@ class Domain:
             return None if isinstance(value, bool) else f"must be {self.describe()}"
         if isinstance(value, bool) or not isinstance(value, int | float):
             return f"must be {self.describe()}"
-        if not math.isfinite(value):
+        if not is_finite_number(value):
             return "must be a finite number"
         if self.integer and value != int(value):
             return f"must be {self.describe()}"
@@ -357,7 +359,7 @@ def _parse_phase_targets(raw: Any) -> dict[int, dict[str, float]]:
 def _parse_phase_key(key: Any) -> int:
     if isinstance(key, int) and not isinstance(key, bool):
         return key
-    if isinstance(key, str) and key.isdigit():
+    if isinstance(key, str) and key.isascii() and key.isdigit():
         return int(key)
     raise ThresholdError("phase_targets", f"phase {key!r} is not a positive integer")
 

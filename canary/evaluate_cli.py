@@ -81,8 +81,10 @@ def evaluate_records(
         except MetricsError as exc:
             yield _error(exc.message, exc.field, line_no)
             continue
-        except json.JSONDecodeError as exc:
-            yield _error(f"invalid JSON: {exc}", None, line_no)
+        except (ValueError, RecursionError) as exc:
+            # JSONDecodeError, an integer of more digits than Python converts, or nesting
+            # deeper than the parser recurses
+            yield _error(f"invalid JSON: {type(exc).__name__}: {str(exc)[:200]}", None, line_no)
             continue
         verdict = evaluate(metrics, thresholds, phase if phase is not None else default_phase)
         yield verdict.to_dict()

@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from trading.models import Deployment, KillSwitch
+from trading.numbers import is_finite_number
 from trading.rows import ModelRows, fetch_one, prep_save
 
 from .engine import ThresholdError, Thresholds
@@ -164,7 +165,7 @@ def _parse_phase_spec(index: int, item: Any) -> PhaseSpec:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return is_finite_number(value)
 
 
 def parse_thresholds(raw: Any) -> Thresholds:

@@ -28,7 +28,7 @@ def _number(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an int beyond a float's range
         return None
     return number if math.isfinite(number) else None
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .numbers import is_finite_number
+
 FACTORS = ("trend", "momentum", "volume", "structure")
 COLUMNS = ("timestamp_ms", "open", "high", "low", "close", "volume")
 
@@ -63,11 +65,7 @@ class SignalParams:
             value = getattr(self, f.name)
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise InvalidSignalParams(f.name, f"must be an integer, got {value!r}")
-            if f.type == "float" and (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-            ):
+            if f.type == "float" and not is_finite_number(value):
                 raise InvalidSignalParams(f.name, f"must be a finite number, got {value!r}")
         _check(self.ema_fast >= 1, "ema_fast", "must be >= 1")
         _check(self.ema_slow > self.ema_fast, "ema_slow", "must be greater than ema_fast")

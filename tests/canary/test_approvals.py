@@ -108,7 +108,9 @@ def test_alpha_evidence_bounds(rollout, people, field, value, allowed):
     assert event.payload["evidence"][field] == value
 
 
-@pytest.mark.parametrize("bad", [None, "85", True, math.nan, math.inf, [85]])
+@pytest.mark.parametrize(
+    "bad", [None, "85", True, math.nan, math.inf, [85], pytest.param(10**400, id="10**400")]
+)
 def test_alpha_evidence_must_be_numbers(rollout, people, bad):
     with pytest.raises(ApprovalRefused, match="smc_alignment_pct: must be a number"):
         approve_alpha(rollout, people["alpha"], smc_alignment_pct=bad)

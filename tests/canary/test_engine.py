@@ -528,3 +528,14 @@ def test_verdict_invariants(pair, phase):
     if verdict.outcome is Outcome.INCONCLUSIVE:
         assert kinds == {"min_orders"}
     json.dumps(verdict.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "\u0663", "-1", "one"])
+def test_a_phase_key_that_is_not_an_ascii_number_is_a_threshold_error(key):
+    with pytest.raises(ThresholdError, match="phase_targets"):
+        Thresholds.from_dict({"phase_targets": {key: {"drawdown_pct": -1.0}}})
+
+
+def test_a_threshold_beyond_a_floats_range_is_a_threshold_error():
+    with pytest.raises(ThresholdError, match="finite"):
+        Thresholds.from_dict({"latency_p95_ms_fail": 10**400})

@@ -139,6 +139,9 @@ def test_custom_thresholds_are_used():
         ('{"slippage_bps": Infinity}', "slippage_bps"),
         ('{"stream_gap_s": -Infinity}', "stream_gap_s"),
         ('{"error_rate": 1e999}', "error_rate"),
+        # an integer beyond a float's range (json reads it as an int)
+        ('{"latency_p95_ms": 1' + "0" * 400 + "}", "latency_p95_ms"),
+        ('{"orders": -1' + "0" * 400 + "}", "orders"),
         # out of range
         (line(fill_rate=1.01), "fill_rate"),
         (line(fill_rate=-0.01), "fill_rate"),
@@ -165,6 +168,20 @@ def test_bad_line_names_the_field(text, field):
     assert out["field"] == field
     assert out["line"] == 1
     assert out["error"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"orders": 1' + "0" * 5000 + "}",  # more digits than Python converts
+        "[" * 100_000 + "]" * 100_000,  # deeper than the parser recurses
+    ],
+)
+def test_json_the_parser_refuses_is_an_error_line_and_the_stream_goes_on(text):
+    first, second = outputs([text, line()])
+    assert first["field"] is None and first["line"] == 1
+    assert first["error"].startswith("invalid JSON")
+    assert second["verdict"] == "PASS"
 
 
 def test_unknown_keys_are_all_listed():

@@ -169,6 +169,18 @@ def test_non_finite_literals_are_named(client, literal, field):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("field", ["volume", "high"])
+def test_an_integer_beyond_a_floats_range_is_named(client, field):
+    """JSON reads 1 followed by 400 zeros as an int that float() cannot convert."""
+    good = json.dumps(candle(open_time_ms=1515560400000))
+    bad = json.dumps(candle()).replace(f'"{field}": {candle()[field]}', f'"{field}": 1{"0" * 400}')
+    response = client.generic("POST", URL, f"[{good}, {bad}]", content_type="application/json")
+    assert response.status_code == 400
+    assert [(e["index"], e["field"]) for e in response.json()["errors"]] == [(1, field)]
+    assert not Candle.objects.exists()
+
+
+@pytest.mark.django_db
 def test_every_offending_item_gets_an_error(client):
     response = post(
         client, [candle(open="x"), candle(open_time_ms=1515560400000), candle(volume=-1)]

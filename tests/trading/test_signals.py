@@ -193,6 +193,7 @@ def test_tie_gives_no_side():
         ({"swing_lookback": 0}, "swing_lookback"),
         ({"atr_mult": 0}, "atr_mult"),
         ({"atr_mult": float("nan")}, "atr_mult"),
+        ({"atr_mult": 10**400}, "atr_mult"),
         ({"reward_risk": -1.0}, "reward_risk"),
         ({"rsi_long_min": 70.0, "rsi_long_max": 60.0}, "rsi_long_max"),
         ({"rsi_short_max": 101.0}, "rsi_short_max"),
