@@ -143,11 +143,19 @@ class _Fanout:
 
 
 def _delivery_rows(alert: Alert, fan: _Fanout) -> list[Delivery]:
-    rows = [
-        Delivery(alert=alert, channel=Channel.EMAIL, recipient=r.email, user_id=r.user_id)
-        for r in fan.recipients
-        if r.filters.matches(symbol=alert.symbol, detector=alert.detector, severity=alert.severity)
-    ]
+    """One email per address whose filters match (two accounts may share an address: the
+    first one's row; a delivery is unique per alert, channel and recipient), then the
+    webhooks."""
+    rows, addresses = [], set()
+    for r in fan.recipients:
+        if r.email.lower() in addresses or not r.filters.matches(
+            symbol=alert.symbol, detector=alert.detector, severity=alert.severity
+        ):
+            continue
+        addresses.add(r.email.lower())
+        rows.append(
+            Delivery(alert=alert, channel=Channel.EMAIL, recipient=r.email, user_id=r.user_id)
+        )
     rows += [Delivery(alert=alert, channel=Channel.WEBHOOK, recipient=w) for w in fan.webhooks]
     for row in rows:
         row.created_at = fan.now

@@ -159,6 +159,32 @@ def test_email_recipients_follow_permissions_and_subscriptions(ingest, alert_set
     assert any("VOLATILITY" in m.subject.upper() for m in mail.outbox)
 
 
+def test_accounts_sharing_an_address_get_one_email_and_processing_goes_on(
+    ingest, alert_settings, make_user, django_capture_on_commit_callbacks
+):
+    """One person, two accounts (e.g. alice and alice-admin) with one address: a delivery
+    is unique per alert, channel and recipient, so the address gets one email per alert,
+    the first matching account's."""
+    from alerts.models import Alert, AlertSubscription, Delivery
+    from alerts.services import alert_raise
+    from trading.models import Candle
+
+    alice = make_user("alice", "Ops", email="alice@example.com")
+    admin = make_user("alice-admin", "Ops", email="alice@example.com")
+    make_user("alice-old", "Ops", email="ALICE@example.com")  # the same mailbox
+    AlertSubscription.objects.create(user=alice, min_severity="critical")  # picky account
+    ingest(quiet_then_spike())
+    assert not Candle.objects.filter(processed_at__isnull=True).exists()
+    [spike] = Alert.objects.filter(detector="volatility")
+    assert list(Delivery.objects.filter(alert=spike, channel="email").values_list(
+        "recipient", "user_id")) == [("alice@example.com", admin.pk)]  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=True):
+        raised = alert_raise(source="canary", key="shared-address", message="breaker tripped")
+    assert list(Delivery.objects.filter(alert=raised, channel="email").values_list(
+        "recipient", "user_id")) == [("alice@example.com", alice.pk)]  # fmt: skip
+    assert len(mail.outbox) == 2
+
+
 def test_pending_queue_overflow_is_recorded_and_raises_a_warning(
     ingest, alert_settings, make_user, django_capture_on_commit_callbacks
 ):
