@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist, ValidationError
+from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -159,7 +160,8 @@ class SilenceListView(APIView):
     def get(self, request: Request) -> Response:
         if refused := _may_view(request, "list silences"):
             return refused
-        qs = Silence.objects.filter(ended_at__isnull=True).select_related("author")
+        active = Silence.objects.filter(ended_at__isnull=True, expires_at__gt=timezone.now())
+        qs = active.order_by("-created_at", "-id").select_related("author")
         return Response({"results": SilenceSerializer(qs[:200], many=True).data})
 
     def post(self, request: Request) -> Response:

@@ -28,6 +28,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
+from trading.numbers import is_finite_number
+
 Direction = Literal["up", "down"]
 FloatArray = NDArray[np.float64]
 Arrays = Mapping[str, np.ndarray]
@@ -196,18 +198,28 @@ P = TypeVar("P", bound="DetectorParams")
 S = TypeVar("S")
 
 
-def _check_int(field: str, value: object, minimum: int) -> None:
+# A window is the candles a detector keeps per stream and reads back at every pass: about
+# five weeks of 5-minute candles at most.
+MAX_WINDOW = 10_000
+
+
+def _check_int(field: str, value: object, minimum: int, maximum: int = MAX_WINDOW) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise DetectorConfigError(field, f"must be an integer, got {value!r}")
-    if value < minimum:
-        raise DetectorConfigError(field, f"must be >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise DetectorConfigError(field, f"must be in {minimum}..{maximum}, got {_shown(value)}")
 
 
 def _check_positive(field: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DetectorConfigError(field, f"must be a number, got {value!r}")
-    if not 0.0 < value < math.inf:
-        raise DetectorConfigError(field, f"must be a finite number > 0, got {value}")
+    if not is_finite_number(value) or value <= 0:
+        raise DetectorConfigError(field, f"must be a finite number > 0, got {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)

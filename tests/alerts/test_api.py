@@ -3,10 +3,12 @@ rule validation through the detectors' params, latency read-out."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from .helpers import engulfing_pair, quiet_then_spike
@@ -101,6 +103,22 @@ def test_silence_and_unsilence_over_the_api(client_for, alerts):
     assert {"alert.silence", "alert.unsilence"} <= actions
 
 
+def test_the_silences_listed_are_the_active_ones(client_for):
+    from alerts.models import Silence
+
+    ops = client_for("ops", "Ops")
+    ids = [
+        ops.post(
+            "/api/v1/alerts/silences/",
+            {"symbol": symbol, "duration_s": 600, "reason": "news"},
+            format="json",
+        ).json()["id"]
+        for symbol in ("ETH/BTC", "LTC/BTC")
+    ]
+    Silence.objects.filter(pk=ids[0]).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert [s["id"] for s in ops.get("/api/v1/alerts/silences/").json()["results"]] == [ids[1]]
+
+
 def test_rules_are_validated_with_the_field_named(client_for):
     from alerts.models import AlertRule
     from audit.models import AuditEvent
@@ -110,7 +128,16 @@ def test_rules_are_validated_with_the_field_named(client_for):
         "/api/v1/alerts/rules/", {"detector": "volatility", "params": {"window": 1}}, format="json"
     )
     assert bad_window.status_code == 400
-    assert bad_window.json()["errors"]["params"] == ["params.window: must be >= 2, got 1"]
+    assert bad_window.json()["errors"]["params"] == ["params.window: must be in 2..10000, got 1"]
+    for params, named in (
+        ({"window": 10**19}, "params.window: must be in 2..10000, got 10000000000000000000"),
+        ({"k": 10**400}, "params.k: must be a finite number > 0, got 10000000000000000000..."),
+    ):
+        huge = ops.post(
+            "/api/v1/alerts/rules/", {"detector": "volatility", "params": params}, format="json"
+        )
+        assert huge.status_code == 400, huge.content
+        assert huge.json()["errors"]["params"][0].startswith(named)
     bad_k = ops.post(
         "/api/v1/alerts/rules/", {"detector": "volatility", "params": {"k": 0}}, format="json"
     )
@@ -146,7 +173,7 @@ def test_admin_refuses_an_impossible_rule_and_saves_a_good_one(client, make_user
     }
     refused = client.post("/admin/alerts/alertrule/add/", form)
     assert refused.status_code == 200
-    assert "params.window: must be &gt;= 2, got 1" in refused.content.decode()
+    assert "params.window: must be in 2..10000, got 1" in refused.content.decode()
     form["params"] = '{"window": 25, "k": 2.5}'
     saved = client.post("/admin/alerts/alertrule/add/", form)
     assert saved.status_code == 302
