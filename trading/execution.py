@@ -647,8 +647,15 @@ def _apply_result(order: Order, result: OrderResult) -> _NewFill | None:
         prev_cost = (order.avg_fill_price or 0.0) * order.filled_qty
         price = (average * result.filled - prev_cost) / delta
         fee_total, base_fee_total = _fee_quote(result, order.symbol, average)
-        fee_delta = max(fee_total - order.fee, 0.0)
-        base_delta = base_fee_total * (fee_delta / fee_total) if fee_total else 0.0
+        if base_fee_total:
+            # charged in the base asset: the order's fee so far is the base fee of its
+            # fills so far valued at their average; this fill's part is the rest, valued
+            # at this fill's own price (none of it is paid in quote)
+            before = order.fee / order.avg_fill_price if order.avg_fill_price else 0.0
+            base_delta = max(base_fee_total - before, 0.0)
+            fee_delta = base_delta * price
+        else:
+            fee_delta, base_delta = max(fee_total - order.fee, 0.0), 0.0
         fill = _NewFill(delta, price, fee_delta, base_delta)
         order.filled_qty = result.filled
         order.avg_fill_price = average

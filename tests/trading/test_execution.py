@@ -265,6 +265,37 @@ def test_a_fill_recorded_by_another_process_meanwhile_is_not_lost(switch, monkey
 
 
 @pytest.mark.django_db
+def test_a_fee_in_the_base_asset_over_partial_fills_leaves_no_phantom_cash():
+    """Binance charges a buy's fee in the base asset. Over two records at different
+    prices, the position holds what was bought less the base fee, and the cash pays
+    exactly the quote spent: the second fill's base fee is the order's new one less the
+    first's, valued at its own price."""
+    from trading.exchange import OrderResult
+
+    dep = make_deployment()
+    order = Order.objects.create(
+        deployment=dep, client_order_id="entry-base-fee", symbol=ETH, side="buy",
+        requested_qty=1.0, reference_price=0.05, created_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+
+    def record(filled: float, average: float, fee: float, status: str) -> None:
+        result = OrderResult(
+            "x1", order.client_order_id, ETH, "buy", "market", status, 1.0, filled, average,
+            fee, "ETH", None,
+        )  # fmt: skip
+        execution.order_record(order_id=order.pk, outcome=execution.Outcome(result=result))
+
+    record(0.5, 0.05, 0.0005, "open")
+    record(1.0, 0.0503, 0.001, "closed")  # the second half at 0.0506
+    assert Position.objects.get(deployment=dep, symbol=ETH).qty == pytest.approx(0.999, abs=1e-12)
+    dep.refresh_from_db()
+    assert dep.cash == pytest.approx(1.0 - 0.0503, abs=1e-12)
+    assert [f.price for f in Fill.objects.filter(order=order).order_by("id")] == pytest.approx(
+        [0.05, 0.0506]
+    )
+
+
+@pytest.mark.django_db
 def test_a_retried_order_is_returned_even_once_the_gate_has_closed(switch):
     dep = make_deployment()
     candle = make_candle()
