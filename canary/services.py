@@ -661,20 +661,25 @@ def valid_approvals(rollout: Rollout) -> dict[str, Approval]:
 
 
 def gate1_check(*, rollout: Rollout, now: datetime | None = None) -> GateStatus:
-    """Gate #1: a GO pre-flight younger than CANARY_PREFLIGHT_MAX_AGE_S, a valid Alpha and
-    Planner approval of the current configuration by two different people who still hold
-    their role's permission."""
+    """Gate #1: a GO pre-flight younger than CANARY_PREFLIGHT_MAX_AGE_S and no NO-GO after
+    it (the newest report decides), a valid Alpha and Planner approval of the current
+    configuration by two different people who still hold their role's permission."""
     now = _now(now)
     status = GateStatus(ok=False)
     max_age = timedelta(seconds=settings.CANARY_PREFLIGHT_MAX_AGE_S)
     preflight = (
-        PreflightRun.objects.filter(decision="GO", ended_at__gt=now - max_age, ended_at__lte=now)
-        .order_by("-ended_at")
+        PreflightRun.objects.filter(ended_at__gt=now - max_age, ended_at__lte=now)
+        .order_by("-ended_at", "-id")
         .first()
     )
     if preflight is None:
         status.problems.append(
             f"no GO pre-flight report younger than {max_age.total_seconds() / 60:g} min"
+        )
+    elif preflight.decision != "GO":
+        status.problems.append(
+            f"the newest pre-flight report ({preflight.pk}, {preflight.ended_at.isoformat()}) "
+            f"says {preflight.decision}"
         )
     else:
         status.preflight_id = preflight.pk

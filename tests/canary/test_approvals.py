@@ -223,11 +223,27 @@ def test_unchanged_configuration_keeps_approvals(rollout, people, make_user):
 )
 def test_preflight_must_be_go_and_younger_than_an_hour(rollout, people, age_s, decision, ok):
     approve_both(rollout, people["alpha"], people["planner"])
-    go_preflight(T0 - timedelta(seconds=age_s), decision=decision)
+    run = go_preflight(T0 - timedelta(seconds=age_s), decision=decision)
     gate = services.gate1_check(rollout=rollout, now=T0)
     assert gate.ok is ok
-    if not ok:
+    if decision == "NO-GO":
+        assert gate.problems == [
+            f"the newest pre-flight report ({run.pk}, {run.ended_at.isoformat()}) says NO-GO"
+        ]
+    elif not ok:
         assert gate.problems == ["no GO pre-flight report younger than 60 min"]
+
+
+@pytest.mark.parametrize(("no_go_age_s", "ok"), [(60, False), (600, True)])
+def test_a_no_go_after_the_go_closes_the_gate(rollout, people, no_go_age_s, ok):
+    """The newest pre-flight decides: a GO 5 minutes ago does not outweigh a NO-GO 1 minute
+    ago (the exchange went away since), and a NO-GO before the GO does not count."""
+    approve_both(rollout, people["alpha"], people["planner"])
+    go_preflight(T0 - timedelta(seconds=300))
+    go_preflight(T0 - timedelta(seconds=no_go_age_s), decision="NO-GO")
+    gate = services.gate1_check(rollout=rollout, now=T0)
+    assert gate.ok is ok
+    assert ok or "says NO-GO" in gate.problems[0]
 
 
 def test_approver_who_lost_the_permission_fails_the_gate(rollout, people):
