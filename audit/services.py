@@ -2,9 +2,11 @@
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -25,6 +27,26 @@ def _scrub(value: Any) -> Any:
         }
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
+    return value
+
+
+def _as_jsonb_returns(value: Any) -> Any:
+    """``value`` (plain JSON data) as PostgreSQL's jsonb gives it back, so that the hash
+    taken at writing is the one verification recomputes from the stored payload: jsonb
+    keeps numbers as ``numeric``, which has no negative zero (-0.0 comes back 0.0) and
+    writes a float given with a positive exponent in full, without a decimal point (1e+16
+    comes back as the integer 10000000000000000). Other floats come back as the same float
+    (its text is the shortest that reads back as it)."""
+    if isinstance(value, dict):
+        return {k: _as_jsonb_returns(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_jsonb_returns(v) for v in value]
+    if isinstance(value, float) and math.isfinite(value):
+        if value == 0.0:
+            return 0.0
+        text = repr(value)
+        if "e+" in text:
+            return int(Decimal(text))
     return value
 
 
@@ -120,7 +142,7 @@ def audit_event(
     user = actor if getattr(actor, "is_authenticated", False) else None
     actor_name = user.get_username() if user else (str(actor) if actor else "system")
     meta = RequestMeta.from_request(request)
-    clean = json.loads(json.dumps(_scrub(payload or {}), cls=DjangoJSONEncoder))
+    clean = _as_jsonb_returns(json.loads(json.dumps(_scrub(payload or {}), cls=DjangoJSONEncoder)))
     return AuditEvent(
         created_at=timezone.now(),
         actor_user=user,
