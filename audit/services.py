@@ -367,9 +367,19 @@ def audit_verify(events: Iterable[AuditEvent] | None = None) -> ChainBreak | Non
             return ChainBreak(event.seq, event.pk, "hash does not match the event's content")
         prev = event.hash
         expected_seq += 1
-    head = AuditChainHead.objects.filter(id=1).first()
-    if events is None and head is not None and head.seq != expected_seq - 1:
-        return ChainBreak(
-            expected_seq, 0, f"chain ends at seq {expected_seq - 1} but head is {head.seq}"
-        )
+    if events is not None:
+        return None
+    problem = head_problem(AuditChainHead.objects.filter(id=1).first(), expected_seq - 1, prev)
+    return ChainBreak(expected_seq, 0, problem) if problem else None
+
+
+def head_problem(head: AuditChainHead | None, last_seq: int, last_hash: str) -> str | None:
+    """Why the chain's head row does not end the chain whose last event is ``last_seq``
+    (0: none) with ``last_hash``, or None."""
+    if head is None:  # the next audit record would restart at seq 1 and fail
+        return "the chain's head row is missing" if last_seq else None
+    if head.seq != last_seq:
+        return f"chain ends at seq {last_seq} but head is {head.seq}"
+    if last_seq and head.hash != last_hash:
+        return "the head's hash is not the last event's (the last event rewritten?)"
     return None

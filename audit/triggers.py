@@ -10,10 +10,17 @@ SQLITE_INSTALL = [
     f"BEGIN SELECT RAISE(ABORT, '{MESSAGE}'); END",
     f"CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON {TABLE} "
     f"BEGIN SELECT RAISE(ABORT, '{MESSAGE}'); END",
+    # INSERT OR REPLACE deletes the row it conflicts with without firing delete triggers
+    # (recursive_triggers is off): an insert onto an existing id or seq is refused first
+    f"CREATE TRIGGER IF NOT EXISTS audit_no_replace BEFORE INSERT ON {TABLE} "
+    f"WHEN EXISTS (SELECT 1 FROM {TABLE} WHERE id = NEW.id) "
+    f"OR EXISTS (SELECT 1 FROM {TABLE} WHERE seq = NEW.seq) "
+    f"BEGIN SELECT RAISE(ABORT, '{MESSAGE}'); END",
 ]
 SQLITE_UNINSTALL = [
     "DROP TRIGGER IF EXISTS audit_no_update",
     "DROP TRIGGER IF EXISTS audit_no_delete",
+    "DROP TRIGGER IF EXISTS audit_no_replace",
 ]
 
 POSTGRES_INSTALL = [

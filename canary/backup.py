@@ -34,7 +34,7 @@ from django.db.migrations.loader import MigrationLoader
 from django.db.utils import load_backend
 from django.utils import timezone
 
-from audit.services import audit_record, audit_verify
+from audit.services import GENESIS, audit_record, audit_verify, head_problem
 
 from .models import Backup
 
@@ -426,10 +426,11 @@ def _audit_check(alias: str, tables: set[str], report: IntegrityReport) -> None:
     if broken is not None:
         report.problems.append(f"audit chain broken at seq {broken.seq}: {broken.reason}")
     head = AuditChainHead.objects.using(alias).filter(id=1).first()
-    last = AuditEvent.objects.using(alias).order_by("-seq").values_list("seq", flat=True).first()
-    if head is not None and head.seq != (last or 0):
-        report.problems.append(f"audit head at seq {head.seq} but the last event is {last or 0}")
-    report.audit_seq = int(last or 0)
+    last = AuditEvent.objects.using(alias).order_by("-seq").values_list("seq", "hash").first()
+    last_seq, last_hash = last or (0, GENESIS)
+    if problem := head_problem(head, last_seq, last_hash):
+        report.problems.append(f"audit {problem}")
+    report.audit_seq = int(last_seq)
 
 
 def _resolve(backup: Backup | None, path: str | Path | None) -> tuple[Path, Backup | None]:

@@ -234,6 +234,33 @@ def test_verify_detects_a_deleted_last_event_through_the_head():
 
 
 @pytest.mark.django_db
+def test_verify_detects_a_rewritten_last_event_through_the_heads_hash():
+    record_events(5)
+    with transaction.atomic(), suspended(connection):
+        victim = AuditEvent.objects.get(seq=5)
+        victim.payload = {"step": 999}
+        victim.hash = event_hash(victim)
+        AuditEvent.objects.filter(pk=victim.pk).update(payload=victim.payload, hash=victim.hash)
+
+    broken = audit_verify()
+
+    assert broken is not None
+    assert broken.seq == 6
+    assert "head's hash" in broken.reason
+
+
+@pytest.mark.django_db
+def test_verify_detects_a_missing_head():
+    record_events(3)
+    AuditChainHead.objects.all().delete()
+
+    broken = audit_verify()
+
+    assert broken is not None
+    assert "head row is missing" in broken.reason
+
+
+@pytest.mark.django_db
 def test_verify_detects_two_reordered_events():
     record_events(5)
     with transaction.atomic(), suspended(connection):
@@ -280,6 +307,31 @@ def test_trigger_refuses_saving_a_changed_instance():
         event.save()
 
     assert AuditEvent.objects.get(pk=event.pk).action == "test.step"
+
+
+@pytest.mark.django_db
+def test_trigger_refuses_an_insert_that_replaces_an_event():
+    """SQLite's INSERT OR REPLACE deletes the conflicting row without its delete trigger;
+    PostgreSQL's ON CONFLICT DO UPDATE is an update."""
+    record_events(3)
+    columns = (
+        "id, seq, created_at, actor_user_id, actor, action, target_type, target_id, payload, "
+        "ip, user_agent, prev_hash, hash"
+    )
+    forged = columns.replace("actor,", "'mallory',", 1)
+    if connection.vendor == "sqlite":
+        sql = f"INSERT OR REPLACE INTO audit_auditevent ({columns}) SELECT {forged} FROM audit_auditevent WHERE seq = 3"
+    else:
+        sql = (
+            f"INSERT INTO audit_auditevent ({columns}) SELECT {forged} FROM audit_auditevent"
+            " WHERE seq = 3 ON CONFLICT (seq) DO UPDATE SET actor = EXCLUDED.actor"
+        )
+
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        connection.cursor().execute(sql)
+
+    assert AuditEvent.objects.get(seq=3).actor == "tester"
+    assert audit_verify() is None
 
 
 @pytest.mark.django_db
