@@ -35,6 +35,7 @@ from django.utils import timezone
 from alerts.models import Alert, Silence
 from audit.services import audit_record
 from trading.models import Candle, Deployment, EquitySnapshot, Fill, Order, OrderStatus
+from trading.portfolio import Book, apply_trade
 from trading.timeframes import timeframe_ms
 
 from .heartbeat import redis_client
@@ -146,31 +147,6 @@ def uptime_for(day: date, now: datetime) -> dict:
 
 
 @dataclass
-class _Book:
-    """Average-cost position of one (deployment, symbol)."""
-
-    qty: float = 0.0
-    avg: float = 0.0
-
-    def apply(self, signed_qty: float, price: float) -> float | None:
-        """Book a fill; return the realised P&L of the part that reduced the position,
-        None when the fill only opened or added."""
-        if self.qty == 0 or (self.qty > 0) == (signed_qty > 0):
-            total = abs(self.qty) + abs(signed_qty)
-            self.avg = (self.avg * abs(self.qty) + price * abs(signed_qty)) / total
-            self.qty += signed_qty
-            return None
-        closing = min(abs(signed_qty), abs(self.qty))
-        pnl = closing * (price - self.avg) * (1 if self.qty > 0 else -1)
-        self.qty += signed_qty
-        if abs(self.qty) < 1e-12:
-            self.qty, self.avg = 0.0, 0.0
-        elif abs(signed_qty) > closing:  # flipped: the rest opened at this price
-            self.avg = price
-        return pnl
-
-
-@dataclass
 class _Trades:
     realised: float = 0.0
     fees: float = 0.0
@@ -212,22 +188,27 @@ def _fills_until(end: datetime) -> list[tuple]:
 
 def trade_stats(start: datetime, end: datetime) -> dict:
     """Realised P&L (after fees) of the day and the win rate of the orders that reduced a
-    position on that day (positions carried in from earlier days are replayed)."""
-    books: dict[tuple[int, str], _Book] = defaultdict(_Book)
+    position on that day (positions carried in from earlier days are replayed). The books
+    are kept as the positions keep them (``trading.portfolio.apply_trade``): an entry's fee
+    is part of its cost and is realised with the exit, so that a round trip that made money
+    on price but lost it to fees is a loss, on the day it was closed."""
+    books: dict[tuple[int, str], Book] = defaultdict(lambda: Book(0.0, 0.0, 0.0))
     day = _Trades()
     for ts, order_id, dep, symbol, side, qty, price, fee in _fills_until(end):
         signed = qty if side.lower() == "buy" else -qty
-        pnl = books[(dep, symbol)].apply(signed, price)
+        before = books[(dep, symbol)]
+        after = books[(dep, symbol)] = apply_trade(before, signed, price, fee or 0.0)
         if ts < start:
             continue
         day.fees += fee or 0.0
-        if pnl is not None:
+        if before.qty != 0 and (before.qty > 0) != (signed > 0):  # reduced the position
+            pnl = after.realised - before.realised
             day.realised += pnl
-            day.per_order[order_id] += pnl - (fee or 0.0)
+            day.per_order[order_id] += pnl
     closing = list(day.per_order.values())
     wins = sum(1 for pnl in closing if pnl > 0)
     return {
-        "realised_pnl": round(day.realised - day.fees, 10),
+        "realised_pnl": round(day.realised, 10),
         "fees": round(day.fees, 10),
         "closing_orders": len(closing),
         "wins": wins,

@@ -123,6 +123,26 @@ def test_win_rate_and_realised_pnl_by_average_cost():
     }
 
 
+def test_entry_fees_are_part_of_the_cost_and_realised_with_the_exit():
+    """As the position keeps it: a round trip that made money on price but lost it to the
+    two fees is a loss, and an entry's fee counts on the day its position is closed."""
+    from canary.reports import day_bounds, trade_stats
+    from trading.portfolio import Book, apply_trade
+
+    dep = make_deployment()
+    start, end = day_bounds(date(2024, 3, 2))
+    _fill(dep, start - timedelta(minutes=1), "buy", 1.0, 100.0, fee=0.1)  # the day before
+    _fill(dep, start + timedelta(hours=1), "sell", 1.0, 100.15, fee=0.10015)
+    day = trade_stats(start, end)
+    assert day["realised_pnl"] == pytest.approx(0.15 - 0.1 - 0.10015)
+    assert (day["closing_orders"], day["wins"], day["win_rate"]) == (1, 0, 0.0)
+    assert day["fees"] == pytest.approx(0.10015)
+    before = trade_stats(start - timedelta(days=1), start)
+    assert before["realised_pnl"] == 0 and before["closing_orders"] == 0
+    book = apply_trade(apply_trade(Book(0.0, 0.0, 0.0), 1.0, 100.0, 0.1), -1.0, 100.15, 0.10015)
+    assert day["realised_pnl"] == pytest.approx(book.realised)  # the desk's figure
+
+
 def test_alerts_by_detector_with_acknowledged_and_silenced(desk_users):
     from alerts.models import Alert
     from canary.reports import alert_stats, day_bounds
