@@ -118,6 +118,21 @@ else:
     DATABASES["default"]["OPTIONS"].setdefault(
         "server_side_binding", env.bool("DB_SERVER_SIDE_BINDING", default=True)
     )
+    # A server that stops answering without refusing (frozen, a dropped network path) must
+    # fail a connection or a statement in seconds, not after libpq's default connect timeout
+    # (130 s with psycopg) or the system's TCP retransmissions: the watchdog's database check
+    # runs under a 55-s soft time limit and counts the failed checks that start the offline
+    # rollback (canary.watchdogs). libpq's connection options: keepalives for an idle
+    # connection, tcp_user_timeout (ms) for data sent and never acknowledged.
+    for _name, _value in {
+        "connect_timeout": env.int("DB_CONNECT_TIMEOUT_S", default=5),
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 15_000,
+    }.items():
+        DATABASES["default"]["OPTIONS"].setdefault(_name, _value)
     # A pool of connections (psycopg_pool) shared by the threads of one process: each
     # request takes one and gives it back when it ends, instead of opening its own. For the
     # web server (scripts/stack.py sets it there); not for the prefork Celery worker, which
@@ -165,6 +180,16 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+
+
+def _expiring(interval_s: float) -> dict[str, float]:
+    """A periodic task's options so that a run that waited longer than its interval in the
+    queue expires instead of piling up behind a busy or stopped worker: the database
+    scheduler reads ``expire_seconds`` (it drops ``expires``), Celery's own ``expires``."""
+    seconds = max(interval_s, 1.0)
+    return {"expires": seconds, "expire_seconds": seconds}
+
+
 CELERY_TIMEZONE = "UTC"
 HEARTBEAT_INTERVAL_S = env.float("HEARTBEAT_INTERVAL_S", default=5.0)
 HEARTBEAT_STALE_S = env.float("HEARTBEAT_STALE_S", default=30.0)
@@ -331,7 +356,7 @@ if ALERTS_CLAIM_STALE_S <= 60 and not DEBUG:
 CELERY_BEAT_SCHEDULE["alerts-sweep-deliveries"] = {
     "task": "alerts.sweep_deliveries",
     "schedule": ALERTS_SWEEP_INTERVAL_S,
-    "options": {"expires": max(ALERTS_SWEEP_INTERVAL_S, 1.0)},
+    "options": _expiring(ALERTS_SWEEP_INTERVAL_S),
 }
 # Candle processing and deliveries have queues of their own, so alerts never wait behind
 # the strategy's tasks ("celery") or a backlog of emails and webhooks. A worker started
@@ -400,7 +425,7 @@ SAFETY_ERROR_LOG_KEEP = env.int("SAFETY_ERROR_LOG_KEEP", default=200)
 CELERY_BEAT_SCHEDULE["safety-watchdogs"] = {
     "task": "canary.watchdogs",
     "schedule": SAFETY_WATCHDOG_INTERVAL_S,
-    "options": {"expires": max(SAFETY_WATCHDOG_INTERVAL_S, 1.0)},
+    "options": _expiring(SAFETY_WATCHDOG_INTERVAL_S),
 }
 CELERY_BEAT_SCHEDULE["safety-nightly-backup"] = {
     "task": "canary.backup_nightly",
@@ -424,7 +449,7 @@ if CANARY_MONITOR_INTERVAL_S <= 0 or CANARY_PREFLIGHT_MAX_AGE_S <= 0:
 CELERY_BEAT_SCHEDULE["canary-monitor"] = {
     "task": "canary.monitor",
     "schedule": CANARY_MONITOR_INTERVAL_S,
-    "options": {"expires": max(CANARY_MONITOR_INTERVAL_S, 1.0)},
+    "options": _expiring(CANARY_MONITOR_INTERVAL_S),
 }
 
 # Desk

@@ -1,6 +1,8 @@
 """Every registered task can be sent with the configured limits (a task whose own hard
 limit is below a soft limit is refused by Celery at apply time, silently in beat)."""
 
+import pytest
+
 from config.celery import app
 
 
@@ -37,3 +39,24 @@ def test_heartbeat_task_runs_and_marks_the_worker(redis_url):
     redis_client().delete(KEY_WORKER)
     app.tasks["canary.heartbeat"].apply_async().get()
     assert last_seen(KEY_WORKER) is not None
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("entry", "interval"),
+    [
+        ("safety-watchdogs", "SAFETY_WATCHDOG_INTERVAL_S"),
+        ("canary-monitor", "CANARY_MONITOR_INTERVAL_S"),
+        ("alerts-sweep-deliveries", "ALERTS_SWEEP_INTERVAL_S"),
+    ],
+)
+def test_frequent_ticks_expire_in_the_database_scheduler(entry, interval):
+    """Beat copies the schedule into django_celery_beat's table, which keeps only
+    ``expire_seconds``: a tick that waited longer than its interval behind a busy or stopped
+    worker expires instead of piling up ahead of the rollbacks a starting worker resumes."""
+    from django.conf import settings
+    from django_celery_beat.schedulers import ModelEntry
+
+    stored = ModelEntry.from_entry(entry, app=app, **settings.CELERY_BEAT_SCHEDULE[entry])
+    assert stored.model.expire_seconds == max(getattr(settings, interval), 1.0)
+    assert stored.options.get("expires") == max(getattr(settings, interval), 1.0)
