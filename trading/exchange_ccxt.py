@@ -317,9 +317,13 @@ class CcxtExchange(ExchangeAdapter):
         fee, fee_currency = _order_fee(raw)
         status = raw.get("status")
         average = raw.get("average")
+        info = raw.get("info") if isinstance(raw.get("info"), Mapping) else {}
         return OrderResult(
             exchange_order_id=str(raw.get("id") or ""),
-            client_order_id=raw.get("clientOrderId")
+            # a cancel's reply names the order's own id origClientOrderId; its clientOrderId
+            # (which ccxt keeps) is the cancel request's
+            client_order_id=info.get("origClientOrderId")
+            or raw.get("clientOrderId")
             or (request.client_order_id if request else ""),
             symbol=raw.get("symbol") or (request.symbol if request else ""),
             side=raw.get("side") or (request.side if request else ""),

@@ -344,7 +344,7 @@ class BinanceStub:
         if order.status != "NEW":
             raise BinanceReject(400, -2011, "Unknown order sent.")
         self._cancel(order)
-        return _order_json(order)
+        return _cancel_json(order)
 
     def ep_open_orders(self, params: dict[str, str]) -> Any:
         symbol = params.get("symbol")
@@ -357,7 +357,7 @@ class BinanceStub:
             raise BinanceReject(400, -2011, "Unknown order sent.")
         for order in orders:
             self._cancel(order)
-        return [_order_json(o) for o in orders]
+        return [_cancel_json(o) for o in orders]
 
     # ------------------------------------------------------------------ matching engine
 
@@ -501,6 +501,13 @@ def _order_json(o: StubOrder) -> dict[str, Any]:
         "isWorking": True, "workingTime": o.time_ms, "origQuoteOrderQty": "0",
         "selfTradePreventionMode": "NONE",
     }  # fmt: skip
+
+
+def _cancel_json(o: StubOrder) -> dict[str, Any]:
+    """A cancel's reply, as Binance's: the order's own id is origClientOrderId, and
+    clientOrderId is the id of the cancel request (a new one when none was given)."""
+    body = _order_json(o)
+    return {**body, "origClientOrderId": o.client_order_id, "clientOrderId": f"cancel{o.order_id}x"}
 
 
 ROUTES: dict[tuple[str, str], tuple[Any, bool]] = {
