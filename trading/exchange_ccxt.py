@@ -405,10 +405,18 @@ class CcxtExchange(ExchangeAdapter):
         return self._result(raw) if raw is not None else None
 
     def _lookup_raw(self, symbol: str, client_order_id: str) -> dict[str, Any] | None:
+        """The order by its client id. Binance's order query carries no commission (only an
+        order's placing reply does): a filled order's fees are read from its trades, or an
+        order found after a lost reply would be recorded free of fees (on a buy charged in
+        the base asset, a position larger than the holding)."""
         try:
-            return self.client.fetch_order(None, symbol, {"origClientOrderId": client_order_id})
+            raw = self.client.fetch_order(None, symbol, {"origClientOrderId": client_order_id})
         except ccxt.OrderNotFound:
             return None
+        if float(raw.get("filled") or 0.0) > 0 and _order_fee(raw)[1] is None and raw.get("id"):
+            trades = self.client.fetch_order_trades(raw["id"], symbol)
+            raw = {**raw, "fees": [t["fee"] for t in trades if t.get("fee")]}
+        return raw
 
     def fetch_open_orders(self, symbol: str | None = None) -> list[OrderResult]:
         return [self._result(o) for o in self._call(self.client.fetch_open_orders, symbol)]

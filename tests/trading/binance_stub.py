@@ -346,6 +346,31 @@ class BinanceStub:
         self._cancel(order)
         return _cancel_json(order)
 
+    def ep_my_trades(self, params: dict[str, str]) -> Any:
+        """The account's trades of one order (``orderId``) or of the symbol."""
+        market = self._symbol(params)
+        wanted = params.get("orderId")
+        return [
+            {
+                "symbol": o.symbol,
+                "id": f["tradeId"],
+                "orderId": o.order_id,
+                "orderListId": -1,
+                "price": f["price"],
+                "qty": f["qty"],
+                "quoteQty": _fmt(Decimal(f["price"]) * Decimal(f["qty"])),
+                "commission": f["commission"],
+                "commissionAsset": f["commissionAsset"],
+                "time": o.time_ms,
+                "isBuyer": o.side == "BUY",
+                "isMaker": False,
+                "isBestMatch": True,
+            }  # fmt: skip
+            for o in self.orders.values()
+            if o.symbol == market.symbol and wanted in (None, str(o.order_id))
+            for f in o.fills
+        ]
+
     def ep_open_orders(self, params: dict[str, str]) -> Any:
         symbol = params.get("symbol")
         return [_order_json(o) for o in self.open_orders(symbol)]
@@ -524,6 +549,7 @@ ROUTES: dict[tuple[str, str], tuple[Any, bool]] = {
     ("GET", "/api/v3/order"): (BinanceStub.ep_get_order, True),
     ("DELETE", "/api/v3/order"): (BinanceStub.ep_cancel_order, True),
     ("GET", "/api/v3/openOrders"): (BinanceStub.ep_open_orders, True),
+    ("GET", "/api/v3/myTrades"): (BinanceStub.ep_my_trades, True),
     ("DELETE", "/api/v3/openOrders"): (BinanceStub.ep_cancel_open_orders, True),
 }
 

@@ -684,6 +684,10 @@ def test_stub_lost_reply_is_found_by_client_id_not_duplicated(switch, stub, bina
     assert order.status == OrderStatus.FILLED and order.filled_qty == 1.0
     assert stub.count("POST", ORDER) == 1 and len(stub.orders) == 1
     assert Fill.objects.filter(order=order).count() == 1
+    # the fee, which the order query does not carry, read from the order's trades
+    [placed] = stub.orders.values()
+    charged = float(placed.fills[0]["commission"])
+    assert charged > 0 and order.fee == pytest.approx(charged)
 
 
 @pytest.mark.django_db
