@@ -680,12 +680,16 @@ def _pnl_step(rollback: Rollback) -> dict[str, Any]:
     cancel = RollbackStep.objects.filter(rollback=rollback, name="cancel_orders").first()
     holdings = dict(((cancel.detail or {}).get("holdings") or {}) if cancel else {})
     positions = list(Position.objects.filter(deployment_id=rollback.deployment_id))
+    # the entry prices stage 1 read before closing (a closed position's is reset to 0)
+    close = RollbackStep.objects.filter(rollback=rollback, name="close_positions").first()
+    entries = {p.symbol: p.avg_entry for p in positions if p.qty > 0}
+    entries.update(((close.detail or {}).get("entries") or {}) if close else {})
     rollout = rollback.rollout
     start = rollout.started_at if rollout and rollout.started_at else rollback.started_at
     equity = rollback.deployment.equity.filter(ts__gte=start).order_by("ts")
     return pnl_impact(
         holdings_before=holdings,
-        entries={p.symbol: p.avg_entry for p in positions},
+        entries=entries,
         closes=closes,
         equity=list(equity.values_list("ts", "equity")),
         positions_realised=sum(p.realised_pnl for p in positions),

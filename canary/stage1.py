@@ -888,6 +888,9 @@ class Stage1:
         # Online: the deployment's own orders still unsettled after a look-up, by symbol
         # (their fills, not yet recorded, are missing from the positions that cap a close)
         self.unsettled: dict[str, str] = {}
+        # Online: the positions' average entry prices before this run closed anything (the
+        # report's P&L of the flatten; a closed position's entry is reset to 0)
+        self.entries_before: dict[str, float] | None = None
         self.gate = OrderGate(self.cfg.max_retry_after_s)
 
     def run(self) -> tuple[bool, dict[str, Any]]:
@@ -983,6 +986,8 @@ class Stage1:
             "dust": dust,
             "residual": residual,
         }
+        if self.entries_before is not None:
+            detail["entries"] = self.entries_before
         if self.unsettled:
             detail["unsettled"] = dict(self.unsettled)
         if residual or self.unsettled:
@@ -1037,11 +1042,14 @@ class Stage1:
         try:
             self.unsettled = self._settle_own_orders()
             rows = Position.objects.filter(deployment_id=self.snapshot.id, symbol__in=self.symbols)
-            return dict(rows.values_list("symbol", "qty"))
+            positions = list(rows.values_list("symbol", "qty", "avg_entry"))
         except DatabaseError as exc:
             self.unsettled = {}
             self.rec.go_offline(exc)
             return None
+        if self.entries_before is None:
+            self.entries_before = {s: entry for s, qty, entry in positions if qty > 0}
+        return {symbol: qty for symbol, qty, _ in positions}
 
     def _settle_own_orders(self) -> dict[str, str]:
         """The deployment's unsettled orders of the symbols other than this rollback's

@@ -118,6 +118,20 @@ def test_rollback_flattens_halts_records_and_reports(trading, capsys):
     assert "COMPLETED" in printed and "close_positions" in printed and "pnl:" in printed
 
 
+def test_the_reports_flatten_pnl_is_against_the_entry_prices(trading):
+    """Stage 2 runs after stage 1 closed the positions, whose average entry is then 0: the
+    entry prices are those stage 1 read before closing, not the proceeds of the sales."""
+    deployment, _ = trading
+    before = {p.symbol: p.avg_entry for p in Position.objects.filter(deployment=deployment)}
+    rollback = rollback_request(deployment=deployment, trigger="gate", cause="x", actor="m")
+    rollback.refresh_from_db()
+    closes = _closing_orders(deployment)
+    expected = sum((o.avg_fill_price - before[o.symbol]) * o.filled_qty for o in closes)
+    proceeds = sum(o.avg_fill_price * o.filled_qty for o in closes)
+    assert rollback.report["pnl"]["flatten_realised_pnl"] == pytest.approx(expected, abs=1e-12)
+    assert abs(expected) < proceeds / 10
+
+
 def test_second_request_joins_the_first_and_it_runs_once(trading, monkeypatch):
     deployment, paper = trading
     queued = []
