@@ -39,6 +39,7 @@ from django.db.models import Max, Min
 from django.utils import timezone
 
 from . import execution, portfolio, rows
+from .exchange import client_order_id
 from .models import Candle, Deployment, EquitySnapshot, Order, OrderStatus, Position, Signal
 from .signals import InvalidSignalParams, SignalEngine, SignalParams
 from .signals import Signal as EngineSignal
@@ -225,6 +226,8 @@ def _decide(
     wants_entry = signal is not None and signal.side == "buy" and not holding.long
     if reason is None and not wants_entry:
         return None
+    if reason is None and _exited_on(deployment, candle):
+        return None  # the candle's one decision was an exit (a redelivered task, a second worker)
     adapter = execution.exchange_for(deployment, candle)
     if reason is not None:
         return execution.order_close(
@@ -238,6 +241,20 @@ def _decide(
         )
     assert signal is not None
     return execution.order_for_signal(signal=signal, now=now, exchange=adapter)
+
+
+EXIT_REASONS = ("stop", "target", "signal")  # Holding.exit_reason's
+
+
+def _exited_on(deployment: Deployment, candle: Candle) -> bool:
+    """Whether an exit was placed on this candle: one decision per candle, so a pass that
+    finds the position flat after it does not open a new long on the same candle's buy
+    signal (a sweep below the stop that closes back up carries one)."""
+    ids = [
+        client_order_id("exit", deployment.pk, candle.symbol, f"{reason}:{candle.pk}")
+        for reason in EXIT_REASONS
+    ]
+    return Order.objects.filter(client_order_id__in=ids).exists()
 
 
 def _wants(holding: Holding, candle: Candle, signal: Signal | None) -> bool:

@@ -295,6 +295,42 @@ def test_a_fee_in_the_base_asset_over_partial_fills_leaves_no_phantom_cash():
     )
 
 
+class BuyEveryCandle:
+    """A signal engine that signals a buy on every candle."""
+
+    last_ts: int | None = None
+
+    def update(self, candle):
+        from trading.signals import Signal as EngineSignal
+
+        self.last_ts = candle.open_time_ms
+        return EngineSignal(
+            side="buy", entry=candle.close, stop=candle.close * 0.97, target=candle.close * 1.06,
+            reward_risk=2.0, score=3, factors={"structure": True}, index=99,
+            ts=candle.open_time_ms,
+        )  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_a_candle_redelivered_after_its_exit_opens_no_new_long(switch, nolock, monkeypatch):
+    """One decision per candle: a candle that swept below the stop (an exit) and closed
+    back up with a buy signal, processed again (a redelivered task, a second worker), finds
+    the position flat but must not open a long on it."""
+    dep = make_deployment()
+    assert buy(dep, make_candle(ETH, T0, close=0.05)).status == OrderStatus.FILLED  # stop 0.049
+    sweep = make_candle(ETH, T0 + TF_MS, close=0.0505, low=0.0485, high=0.0506)
+    monkeypatch.setattr(strategy, "engine_for", lambda d, p, f: BuyEveryCandle())
+    strategy.stream_run(deployment=dep, candles=[sweep])
+    first = list(Order.objects.filter(deployment=dep).values_list("purpose", "side", "status"))
+    assert first[-1] == ("exit", "sell", OrderStatus.FILLED)
+    strategy.reset_engines()
+    strategy.stream_run(deployment=dep, candles=[sweep])
+    assert (
+        list(Order.objects.filter(deployment=dep).values_list("purpose", "side", "status")) == first
+    )
+    assert Position.objects.get(deployment=dep, symbol=ETH).qty == 0
+
+
 @pytest.mark.django_db
 def test_a_retried_order_is_returned_even_once_the_gate_has_closed(switch):
     dep = make_deployment()
