@@ -23,12 +23,14 @@ from trading.rows import client_binding_cursor
 from .detectors import DetectorConfigError
 from .models import Alert, AlertRule, Delivery, DeliveryStatus, Silence
 from .rules import (
+    SEVERITIES,
     Filters,
     RuleSpec,
     SilenceSpec,
     parse_filters,
     percentile,
     resolve_rules,
+    severity_rank,
     validate_rule,
 )
 
@@ -342,6 +344,8 @@ def snapshot(filters: Filters, limit: int = 50) -> list[dict]:
         qs = qs.filter(symbol__in=filters.symbols)
     if filters.detectors:
         qs = qs.filter(detector__in=filters.detectors)
+    # in SQL before the slice: newer alerts below the minimum would push it out of the rows
+    qs = qs.filter(severity__in=SEVERITIES[severity_rank(filters.min_severity) :])
     rows = qs.order_by("-detected_at", "-id")[: limit * 3]
     return [
         a.as_message()
