@@ -1057,22 +1057,19 @@ class Stage1:
         the router (``order_resolve``: found, its status and fills recorded; not found past
         the grace period, never placed). {symbol: why an order of it is still unsettled}:
         while one is, the symbol's holding cannot be known from the records."""
-        from trading.execution import order_resolve
+        from trading.execution import resolve_unsettled
 
-        orders = Order.objects.filter(
-            deployment_id=self.snapshot.id, symbol__in=self.symbols, status__in=UNSETTLED
-        ).exclude(client_order_id__in=list(self.intents))
         unsettled: dict[str, str] = {}
-        for order in orders:
-            try:
-                order = order_resolve(order=order, exchange=self.adapter)
-            except ExchangeError as exc:
+        found = resolve_unsettled(
+            self.snapshot.id, self.adapter, self.symbols, exclude=self.intents
+        )
+        for order, error in found:
+            if error is not None:
                 unsettled[order.symbol] = (
                     f"{order.client_order_id} ({order.status}) could not be looked up: "
-                    f"{type(exc).__name__}: {str(exc)[:200]}"
+                    f"{type(error).__name__}: {str(error)[:200]}"
                 )
-                continue
-            if order.status in UNSETTLED:
+            elif order.status in UNSETTLED:
                 unsettled[order.symbol] = (
                     f"{order.client_order_id} is still {order.status} after its look-up"
                 )

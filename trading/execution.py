@@ -46,6 +46,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -938,7 +939,7 @@ def order_close(
     """Close the deployment's long in ``symbol`` with a reduce-only market sell of the local
     position floored to the step (None when flat or only dust). Client order id
     ``exit-<sha1(deployment, symbol, key)>``; gated like any order (REDUCING allows it)."""
-    client_id = client_order_id("exit", deployment.pk, symbol, key)
+    client_id = exit_client_id(deployment.pk, symbol, key)
     deployment = _fresh(deployment.pk, client_id)
     existing = _existing_of(deployment)
     if existing is not None:
@@ -996,6 +997,12 @@ def order_resolve(
 # --------------------------------------------------------------------------- flatten
 
 
+def exit_client_id(deployment_id: int, symbol: str, key: str) -> str:
+    """The client order id of ``order_close``'s exit for ``key`` (the strategy's:
+    ``"<reason>:<candle id>"``)."""
+    return client_order_id("exit", deployment_id, symbol, key)
+
+
 def flatten_client_id(deployment: Deployment, key: str, symbol: str, attempt: int) -> str:
     return client_order_id("flat", deployment.pk, key, symbol, attempt)
 
@@ -1024,15 +1031,32 @@ def _cancel_open(
     return errors
 
 
+def resolve_unsettled(
+    deployment_id: int,
+    adapter: ExchangeAdapter,
+    symbols: Sequence[str],
+    *,
+    now: datetime | None = None,
+    exclude: Iterable[str] = (),
+) -> Iterator[tuple[Order, ExchangeError | None]]:
+    """Each of the deployment's unsettled orders of ``symbols`` (but the client ids in
+    ``exclude``) looked up by ``order_resolve``: the order as it is afterwards, and the
+    exchange's error when the look-up failed (the order then as it was)."""
+    orders = Order.objects.filter(
+        deployment_id=deployment_id, symbol__in=symbols, status__in=UNSETTLED
+    ).exclude(client_order_id__in=list(exclude))
+    for order in orders:
+        try:
+            yield order_resolve(order=order, now=now, exchange=adapter), None
+        except ExchangeError as exc:
+            yield order, exc
+
+
 def _settle(deployment: Deployment, adapter: ExchangeAdapter, symbols: list[str], now: datetime):
     errors: dict[str, str] = {}
-    for order in Order.objects.filter(
-        deployment_id=deployment.pk, symbol__in=symbols, status__in=UNSETTLED
-    ):
-        try:
-            order_resolve(order=order, now=now, exchange=adapter)
-        except ExchangeError as exc:
-            errors[order.symbol] = f"could not settle {order.client_order_id}: {exc}"
+    for order, error in resolve_unsettled(deployment.pk, adapter, symbols, now=now):
+        if error is not None:
+            errors[order.symbol] = f"could not settle {order.client_order_id}: {error}"
     return errors
 
 

@@ -39,7 +39,6 @@ from django.db.models import Max, Min
 from django.utils import timezone
 
 from . import execution, portfolio, rows
-from .exchange import client_order_id
 from .models import Candle, Deployment, EquitySnapshot, Order, OrderStatus, Position, Signal
 from .signals import InvalidSignalParams, SignalEngine, SignalParams
 from .signals import Signal as EngineSignal
@@ -233,7 +232,7 @@ def _decide(
         return execution.order_close(
             deployment=deployment,
             symbol=candle.symbol,
-            key=f"{reason}:{candle.pk}",
+            key=_exit_key(reason, candle),
             reference_price=candle.close,
             signal=signal if reason == "signal" else None,
             now=now,
@@ -246,12 +245,17 @@ def _decide(
 EXIT_REASONS = ("stop", "target", "signal")  # Holding.exit_reason's
 
 
+def _exit_key(reason: str, candle: Candle) -> str:
+    """An exit's key (``order_close``): one exit per reason and candle."""
+    return f"{reason}:{candle.pk}"
+
+
 def _exited_on(deployment: Deployment, candle: Candle) -> bool:
     """Whether an exit was placed on this candle: one decision per candle, so a pass that
     finds the position flat after it does not open a new long on the same candle's buy
     signal (a sweep below the stop that closes back up carries one)."""
     ids = [
-        client_order_id("exit", deployment.pk, candle.symbol, f"{reason}:{candle.pk}")
+        execution.exit_client_id(deployment.pk, candle.symbol, _exit_key(reason, candle))
         for reason in EXIT_REASONS
     ]
     return Order.objects.filter(client_order_id__in=ids).exists()
