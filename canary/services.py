@@ -150,22 +150,18 @@ def _parse_phase_spec(index: int, item: Any) -> PhaseSpec:
     if unknown:
         raise RolloutInvalid(f"unknown key(s): {', '.join(unknown)}", field=f"{where}.{unknown[0]}")
     allocation = item.get("allocation")
-    if not _is_number(allocation) or not 0 < allocation <= 1:
+    if not is_finite_number(allocation) or not 0 < allocation <= 1:
         raise RolloutInvalid("must be a number in (0, 1]", field=f"{where}.allocation")
     durations = {}
     for key in ("min_duration_s", "extension_s"):
         value = item.get(key)
-        if not _is_number(value) or value != int(value) or value < 1:
+        if not is_finite_number(value) or value != int(value) or value < 1:
             raise RolloutInvalid("must be a whole number of seconds >= 1", field=f"{where}.{key}")
         durations[key] = int(value)
     manual = item.get("needs_manual_promote", False)
     if not isinstance(manual, bool):
         raise RolloutInvalid("must be true or false", field=f"{where}.needs_manual_promote")
     return PhaseSpec(float(allocation), needs_manual_promote=manual, **durations)
-
-
-def _is_number(value: Any) -> bool:
-    return is_finite_number(value)
 
 
 def parse_thresholds(raw: Any) -> Thresholds:
@@ -204,7 +200,7 @@ def alpha_evidence_problems(evidence: Any) -> list[str]:
     problems = []
     for bound in ALPHA_EVIDENCE:
         value = evidence.get(bound.key)
-        if not _is_number(value):
+        if not is_finite_number(value):
             problems.append(f"{bound.key}: must be a number, got {value!r}")
         elif value < bound.lo or (bound.hi is not None and value > bound.hi):
             limit = f"{bound.lo:g}..{bound.hi:g}" if bound.hi is not None else f">= {bound.lo:g}"

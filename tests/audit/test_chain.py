@@ -36,6 +36,15 @@ def tamper(sql: str, params: list | tuple = ()) -> None:
         cursor.execute(sql, params)
 
 
+def rewrite_with_its_hash(seq: int) -> None:
+    """Edit event ``seq``'s payload and recompute its own hash (triggers dropped)."""
+    with transaction.atomic(), suspended(connection):
+        victim = AuditEvent.objects.get(seq=seq)
+        victim.payload = {"step": 999}
+        victim.hash = event_hash(victim)
+        AuditEvent.objects.filter(pk=victim.pk).update(payload=victim.payload, hash=victim.hash)
+
+
 # --- a sound chain ------------------------------------------------------------------------
 
 
@@ -196,11 +205,7 @@ def test_verify_detects_an_edited_payload():
 @pytest.mark.django_db
 def test_verify_detects_an_edit_whose_hash_was_recomputed_at_the_next_event():
     record_events(5)
-    with transaction.atomic(), suspended(connection):
-        victim = AuditEvent.objects.get(seq=3)
-        victim.payload = {"step": 999}
-        victim.hash = event_hash(victim)
-        AuditEvent.objects.filter(pk=victim.pk).update(payload=victim.payload, hash=victim.hash)
+    rewrite_with_its_hash(3)
 
     broken = audit_verify()
 
@@ -236,11 +241,7 @@ def test_verify_detects_a_deleted_last_event_through_the_head():
 @pytest.mark.django_db
 def test_verify_detects_a_rewritten_last_event_through_the_heads_hash():
     record_events(5)
-    with transaction.atomic(), suspended(connection):
-        victim = AuditEvent.objects.get(seq=5)
-        victim.payload = {"step": 999}
-        victim.hash = event_hash(victim)
-        AuditEvent.objects.filter(pk=victim.pk).update(payload=victim.payload, hash=victim.hash)
+    rewrite_with_its_hash(5)
 
     broken = audit_verify()
 

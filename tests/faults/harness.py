@@ -489,3 +489,18 @@ def wait_for(
         time.sleep(interval)
     label = what() if callable(what) else what
     raise AssertionError(f"{label}: not reached within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def restored_connection() -> Iterator[None]:
+    """The default database connection's settings put back (and the connection closed)
+    after the block, whatever it pointed the connection at."""
+    from django.db import connection
+
+    saved = dict(connection.settings_dict)
+    try:
+        yield
+    finally:
+        connection.close()
+        connection.settings_dict.clear()
+        connection.settings_dict.update(saved)

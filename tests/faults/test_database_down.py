@@ -11,11 +11,9 @@ tests/safety/test_rollback.py::test_stage1_runs_with_the_database_down_and_is_re
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -25,7 +23,14 @@ from django.db import connection
 
 from tests.trading.binance_stub import API_KEY, API_SECRET, BinanceStub, StubMarket
 
-from .harness import database_cut, flush_database, private_stack, tail, wait_for
+from .harness import (
+    database_cut,
+    flush_database,
+    private_stack,
+    restored_connection,
+    tail,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -290,19 +295,6 @@ def test_the_active_rollout_follows_the_rollback(outcome: Outcome):
     assert outcome.rollout_state in ("ROLLING_BACK", "ROLLED_BACK")
 
 
-@contextlib.contextmanager
-def _restored_connection() -> Iterator[None]:
-    from django.db import connection
-
-    saved = dict(connection.settings_dict)
-    try:
-        yield
-    finally:
-        connection.close()
-        connection.settings_dict.clear()
-        connection.settings_dict.update(saved)
-
-
 def _lose_the_database() -> None:
     """The database goes away: the connection now points at nothing."""
     from django.db import connection
@@ -349,7 +341,7 @@ def test_a_monitor_failing_closed_first_does_not_stop_the_offline_flatten(
         raise OperationalError("server closed the connection unexpectedly")
 
     monkeypatch.setattr("canary.monitor.monitor_step", dies_mid_step)
-    with _restored_connection():
+    with restored_connection():
         monitor_all(now=now)
         watchdogs_tick()
         watchdogs_tick()

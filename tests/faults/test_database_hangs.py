@@ -15,6 +15,8 @@ from django.db import connection
 from canary.watchdogs import db_available
 from config.celery import app
 
+from .harness import restored_connection
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
@@ -29,15 +31,10 @@ def silent_server() -> Iterator[int]:
 
 @contextlib.contextmanager
 def database_at(port: int) -> Iterator[None]:
-    saved = dict(connection.settings_dict)
-    connection.close()
-    connection.settings_dict.update(HOST="127.0.0.1", PORT=port)
-    try:
-        yield
-    finally:
+    with restored_connection():
         connection.close()
-        connection.settings_dict.clear()
-        connection.settings_dict.update(saved)
+        connection.settings_dict.update(HOST="127.0.0.1", PORT=port)
+        yield
 
 
 def test_a_database_that_does_not_answer_is_down_within_the_watchdogs_limit():

@@ -55,6 +55,16 @@ def trading(make_deployment, monkeypatch, settings, redis_url):
     return deployment, paper
 
 
+class Wrapped:
+    """The paper exchange with some of its methods replaced by a subclass."""
+
+    def __init__(self, paper):
+        self.paper = paper
+
+    def __getattr__(self, name):
+        return getattr(self.paper, name)
+
+
 def _closing_orders(deployment: Deployment) -> list[Order]:
     return list(Order.objects.filter(deployment=deployment, purpose="flatten"))
 
@@ -204,14 +214,8 @@ def test_an_entry_filled_but_recorded_unknown_is_settled_then_closed(
     assert rollback.state == RollbackState.COMPLETED
 
 
-class LookupDown:
+class LookupDown(Wrapped):
     """The paper exchange, its look-ups by client id failing."""
-
-    def __init__(self, paper):
-        self.paper = paper
-
-    def __getattr__(self, name):
-        return getattr(self.paper, name)
 
     def fetch_order_by_client_id(self, symbol, client_order_id):
         raise TemporaryExchangeError("lookup timed out")
@@ -249,14 +253,12 @@ def test_person_needs_the_permission(trading, make_user):
     assert rollback.requested_by == "ops"
 
 
-class CrashAfterSends:
+class CrashAfterSends(Wrapped):
     """Crashes right after the n-th order reached the exchange (its reply never recorded)."""
 
     def __init__(self, paper, after: int):
-        self.paper, self.left = paper, after
-
-    def __getattr__(self, name):
-        return getattr(self.paper, name)
+        super().__init__(paper)
+        self.left = after
 
     def create_order(self, request):
         result = self.paper.create_order(request)
@@ -346,14 +348,10 @@ def test_stage1_runs_with_the_database_down_and_is_replayed(trading, settings):
     assert replays.count() == 1
 
 
-class TickerFailsOnce:
+class TickerFailsOnce(Wrapped):
     """The paper exchange, its first price request failing."""
 
-    def __init__(self, paper):
-        self.paper, self.failed = paper, False
-
-    def __getattr__(self, name):
-        return getattr(self.paper, name)
+    failed = False
 
     def fetch_ticker(self, symbol):
         if not self.failed:
